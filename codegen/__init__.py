@@ -1,0 +1,1 @@
+"""Code generation: the ``"sparsify"`` torch.compile backend and its Triton kernels."""

@@ -1,0 +1,68 @@
+"""sparsify_fx: a sparsity compiler for PyTorch.
+
+Pipeline, one folder per stage: ``frontend`` (trace to FX) → ``analysis`` (coupled channel
+spaces) → ``passes`` (S²FT, pruning, N:M, adapters) → ``codegen`` (the ``"sparsify"``
+torch.compile backend and its Triton kernels).
+
+The public API is imported lazily so ``import sparsify_fx`` stays cheap (the compile backend's
+entry point imports it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sparsify_fx.errors import AdapterError, AnalysisError, ConfigError, SparsifyError, TraceError
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "trace": "sparsify_fx.frontend",
+    "TracedGraph": "sparsify_fx.frontend",
+    "analyze": "sparsify_fx.analysis",
+    "analyze_graph": "sparsify_fx.analysis",
+    "CouplingReport": "sparsify_fx.analysis",
+    "Group": "sparsify_fx.analysis",
+    "Member": "sparsify_fx.analysis",
+    "S2FTConfig": "sparsify_fx.passes.s2ft",
+    "s2ft": "sparsify_fx.passes.s2ft",
+    "describe": "sparsify_fx.passes.s2ft",
+    "merge": "sparsify_fx.passes.s2ft",
+    "export_adapter": "sparsify_fx.passes.adapter",
+    "load_adapter": "sparsify_fx.passes.adapter",
+    "apply_adapter": "sparsify_fx.passes.adapter",
+    "remove_adapter": "sparsify_fx.passes.adapter",
+    "Adapter": "sparsify_fx.passes.adapter",
+    "PruneConfig": "sparsify_fx.passes.prune",
+    "prune": "sparsify_fx.passes.prune",
+    "NMConfig": "sparsify_fx.passes.nm",
+    "BlockConfig": "sparsify_fx.passes.nm",
+    "sparsify": "sparsify_fx.passes.nm",
+    "explain": "sparsify_fx.codegen.explain",
+}
+
+__all__ = [
+    "AdapterError",
+    "AnalysisError",
+    "ConfigError",
+    "SparsifyError",
+    "TraceError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name == "testing":
+        return importlib.import_module("sparsify_fx.testing")
+    raise AttributeError(f"module 'sparsify_fx' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sparsify_fx.analysis import CouplingReport, Group, Member, analyze, analyze_graph  # noqa: F401
+    from sparsify_fx.frontend import TracedGraph, trace  # noqa: F401
