@@ -35,6 +35,10 @@ class TracedGraph:
     inputs: dict[str, InputInfo]
     source: Literal["export", "dynamo", "aot"]
     exported_program: torch.export.ExportedProgram | None = field(default=None, repr=False)
+    # AOT forward graphs also return saved activations; only the first N outputs are the user's
+    num_user_outputs: int | None = None
+    # FQNs that name one shared tensor (tied embeddings): the analysis treats them as one
+    tied: list[list[str]] = field(default_factory=list)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -75,7 +79,12 @@ class TracedGraph:
                 continue
             kind = kinds.get(spec.kind.name, "input")
             inputs[name] = InputInfo(kind, spec.target if kind != "input" else None)  # type: ignore[arg-type]
-        return cls(ep.graph_module, inputs, "export", ep)
+        by_storage: dict[tuple[int, int], list[str]] = {}
+        for fqn, t in ep.state_dict.items():
+            if isinstance(t, torch.Tensor):
+                by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), []).append(fqn)
+        tied = [names for names in by_storage.values() if len(names) > 1]
+        return cls(ep.graph_module, inputs, "export", ep, tied=tied)
 
     @classmethod
     def from_dynamo(cls, gm: torch.fx.GraphModule) -> TracedGraph:
@@ -88,13 +97,15 @@ class TracedGraph:
         return cls(gm, inputs, "dynamo")
 
     @classmethod
-    def from_aot(cls, gm: torch.fx.GraphModule, flat_inputs: Sequence[InputInfo]) -> TracedGraph:
+    def from_aot(
+        cls, gm: torch.fx.GraphModule, flat_inputs: Sequence[InputInfo], num_user_outputs: int | None = None
+    ) -> TracedGraph:
         """AOTAutograd forward graph: its placeholders are the dynamo inputs, in order."""
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         inputs = {}
         for i, n in enumerate(placeholders):
             inputs[n.name] = flat_inputs[i] if i < len(flat_inputs) else InputInfo("input")
-        return cls(gm, inputs, "aot")
+        return cls(gm, inputs, "aot", num_user_outputs=num_user_outputs)
 
 
 _SOURCE_PART = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")

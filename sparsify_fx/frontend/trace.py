@@ -59,8 +59,10 @@ def _dynamic_shapes(args: tuple, kwargs: dict, dynamic: bool | Any) -> Any:
             return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), 2))}
         return None
 
-    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else tuple(
-        spec(a) for a in args
+    return (
+        (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+        if kwargs
+        else tuple(spec(a) for a in args)
     )
 
 

@@ -1,0 +1,366 @@
+"""Coupling report: the permutable groups of a model, and the spaces that are pinned and why."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+from sparsify_fx.analysis.context import AnalysisState
+from sparsify_fx.analysis.spaces import Atom, SpaceTable
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """Where a group's units sit in one parameter dim: for each base offset ``b`` in ``offsets``,
+    unit ``u`` is the index range ``[b + u * inner, b + (u + 1) * inner)``."""
+
+    offsets: tuple[int, ...]
+    units: int
+    inner: int
+    tags: frozenset[str] = frozenset()
+
+    def unit_range(self, base: int, start: int, stop: int) -> tuple[int, int]:
+        return base + start * self.inner, base + stop * self.inner
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter (or buffer) dim that a group's permutation moves."""
+
+    fqn: str
+    dim: int
+    size: int
+    occurrences: tuple[Occurrence, ...]
+    role: str | None = None  # "in" (contracted by a linear/conv), "out" (produced by one), or None
+    is_buffer: bool = False
+
+    @property
+    def tags(self) -> frozenset[str]:
+        out: set[str] = set()
+        for o in self.occurrences:
+            out |= o.tags
+        return frozenset(out)
+
+    def index(self, perm: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Index along ``dim`` such that ``p.index_select(dim, index)`` applies the unit permutation
+        (new unit ``u`` takes old unit ``perm[u]``)."""
+        perm_t = torch.as_tensor(perm, dtype=torch.long)
+        idx = torch.arange(self.size)
+        new = idx.clone()
+        for occ in self.occurrences:
+            for base in occ.offsets:
+                span = occ.units * occ.inner
+                block = idx[base : base + span].view(occ.units, occ.inner)
+                new[base : base + span] = block[perm_t].reshape(-1)
+        return new
+
+
+@dataclass
+class Group:
+    """A set of parameter dims that can be permuted together, unit by unit, without changing the
+    model's function."""
+
+    name: str
+    kind: str
+    num_units: int
+    unit_size: int
+    members: list[Member]
+    layer: int | None = None
+    prefix: str = ""
+    # GQA: a kv_heads group holds `group_size` query heads per kv head; the attention_heads group
+    # inside it (query heads within a kv group) names its kv_heads group in `kv_group`.
+    group_size: int | None = None
+    kv_group: str | None = None
+
+    def member(self, fqn: str) -> list[Member]:
+        return [m for m in self.members if m.fqn == fqn]
+
+    def query_to_kv(self) -> list[int] | None:
+        """For a kv_heads group: query head h reads kv head h // group_size."""
+        if self.kind != "kv_heads" or not self.group_size:
+            return None
+        return [h // self.group_size for h in range(self.num_units * self.group_size)]
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, {self.kind}, {self.num_units}x{self.unit_size}, {len(self.members)} members)"
+
+
+@dataclass
+class PinnedSpace:
+    kind: str
+    size: int
+    members: list[tuple[str, int]]
+    reasons: list[str]
+
+
+@dataclass
+class CouplingReport:
+    groups: list[Group]
+    pinned: list[PinnedSpace]
+    unruled_ops: dict[str, int] = field(default_factory=dict)
+    source: str = "export"
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def by_kind(self, kind: str) -> list[Group]:
+        return [g for g in self.groups if g.kind == kind]
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; groups: {[g.name for g in self.groups]}")
+
+    def table(self) -> str:
+        rows = [("group", "kind", "units x size", "members", "pinned reason")]
+        for g in self.groups:
+            mem = ", ".join(f"{m.fqn}[{m.dim}]" for m in g.members)
+            rows.append((g.name, g.kind, f"{g.num_units} x {g.unit_size}", mem, ""))
+        for p in self.pinned:
+            mem = ", ".join(f"{f}[{d}]" for f, d in p.members[:4]) + (" ..." if len(p.members) > 4 else "")
+            rows.append(("(pinned)", p.kind, f"{p.size}", mem, "; ".join(p.reasons)))
+        widths = [min(60, max(len(r[i]) for r in rows)) for i in range(4)]
+        lines = []
+        for r in rows:
+            cells = [r[i][: widths[i]].ljust(widths[i]) for i in range(4)] + [r[4]]
+            lines.append("  ".join(cells).rstrip())
+            if r is rows[0]:
+                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 13)
+        if self.unruled_ops:
+            lines.append(
+                "ops without a rule (their spaces are pinned): "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(self.unruled_ops.items()))
+            )
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """Print and return a table: group, kind, units x size, members, pinned reason."""
+        text = self.table()
+        print(text)
+        return text
+
+    def coupling_graph(self) -> nx.Graph:
+        """Groups and pinned spaces linked to the parameters they move (networkx)."""
+        g = nx.Graph()
+        for grp in self.groups:
+            g.add_node(grp.name, type="group", kind=grp.kind, units=grp.num_units, unit_size=grp.unit_size)
+            for m in grp.members:
+                g.add_node(m.fqn, type="buffer" if m.is_buffer else "parameter")
+                g.add_edge(grp.name, m.fqn, dim=m.dim)
+        for i, p in enumerate(self.pinned):
+            name = f"pinned:{i}:{p.kind}"
+            g.add_node(name, type="pinned", kind=p.kind, reasons="; ".join(p.reasons))
+            for fqn, dim in p.members:
+                g.add_node(fqn, type="parameter")
+                g.add_edge(name, fqn, dim=dim)
+        return g
+
+    def to_dot(self, path: str | None = None) -> str:
+        """Graphviz DOT of the coupling graph; written to ``path`` if given."""
+        g = self.coupling_graph()
+        ids = {n: f"n{i}" for i, n in enumerate(g.nodes)}
+        shapes = {"group": "box", "pinned": "octagon", "parameter": "ellipse", "buffer": "ellipse"}
+        colors = {"group": "lightblue", "pinned": "lightpink", "parameter": "white", "buffer": "lightyellow"}
+        lines = ["graph coupling {", "  rankdir=LR;"]
+        for n, data in g.nodes(data=True):
+            typ = data.get("type", "parameter")
+            label = n if typ != "group" else f"{n}\\n{data['kind']} {data['units']}x{data['unit_size']}"
+            if typ == "pinned":
+                label = f"{data['kind']} (pinned)\\n{data['reasons'][:60]}"
+            label = label.replace('"', "'")
+            lines.append(f'  {ids[n]} [label="{label}", shape={shapes[typ]}, style=filled, fillcolor={colors[typ]}];')
+        for a, b, data in g.edges(data=True):
+            lines.append(f'  {ids[a]} -- {ids[b]} [label="dim {data["dim"]}"];')
+        lines.append("}")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+
+# ---------------------------------------------------------------------- building the report
+def _occurrences(t: SpaceTable, dims: Sequence[Atom]) -> list[tuple[Atom, Occurrence]]:
+    """Every leaf class in a product of atoms, with where its units sit."""
+    sizes = [int(a.size) for a in dims]
+    out: list[tuple[Atom, Occurrence]] = []
+    for i, a in enumerate(dims):
+        after = 1
+        for s in sizes[i + 1 :]:
+            after *= s
+        before = 1
+        for s in sizes[:i]:
+            before *= s
+        for root, occ in _atom_occurrences(t, a, frozenset()):
+            offs = tuple(o * sizes[i] * after + off * after for o in range(before) for off in occ.offsets)
+            out.append((root, Occurrence(offs, occ.units, occ.inner * after, occ.tags)))
+    return out
+
+
+def _atom_occurrences(t: SpaceTable, a: Atom, tags: frozenset[str]) -> list[tuple[Atom, Occurrence]]:
+    tags = tags | frozenset(a.tags)
+    r = t.find(a)
+    if r.ref is None:
+        return [(r, Occurrence((0,), int(r.size), 1, tags))] if r.size != 1 else []
+    if r.ref.kind == "prod":
+        return [
+            (root, Occurrence(o.offsets, o.units, o.inner, o.tags | tags))
+            for root, o in _occurrences(t, r.ref.children)
+        ]
+    out = []
+    off = 0
+    for c in r.ref.children:
+        for root, o in _atom_occurrences(t, c, tags):
+            out.append((root, Occurrence(tuple(x + off for x in o.offsets), o.units, o.inner, o.tags)))
+        off += int(t.find(c).size)
+    return out
+
+
+def _layer_of(prefix: str) -> int | None:
+    nums = [int(p) for p in prefix.split(".") if p.isdigit()]
+    return nums[-1] if nums else None
+
+
+def _common_prefix(fqns: Sequence[str]) -> str:
+    parts = [f.split(".")[:-1] for f in fqns]
+    if not parts:
+        return ""
+    common = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
+
+
+def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], source: str) -> CouplingReport:
+    t = state.table
+    t.finalize()
+    by_class: dict[int, list[Member]] = defaultdict(list)
+    roots: dict[int, Atom] = {}
+    for fqn, node, is_buffer in members:
+        dims = state.env.get(node)  # type: ignore[call-overload]
+        if not isinstance(dims, list):
+            continue
+        for d, dim in enumerate(dims):
+            if not all(isinstance(a.size, int) for a in dim):
+                continue
+            per_class: dict[int, list[Occurrence]] = defaultdict(list)
+            for root, occ in _occurrences(t, dim):
+                per_class[root.id].append(occ)
+                roots[root.id] = root
+            size = 1
+            for a in dim:
+                size *= int(a.size)
+            role = state.roles.get((fqn, d))
+            role_s = "in" if role and "in" in role else ("out" if role and "out" in role else None)
+            for cid, occs in per_class.items():
+                by_class[cid].append(Member(fqn, d, size, tuple(occs), role_s, is_buffer))
+
+    groups: list[Group] = []
+    pinned: list[PinnedSpace] = []
+    head_classes = {cid for cid, r in roots.items() if "head" in r.marks or "bmm_batch" in r.marks}
+    for cid, mems in by_class.items():
+        root = roots[cid]
+        if root.size == 1 or all(m.is_buffer for m in mems):
+            continue
+        kind, group_size, inner_head = _classify(root, mems, roots, head_classes, state)
+        if root.pins:
+            pinned.append(PinnedSpace(kind, int(root.size), [(m.fqn, m.dim) for m in mems], list(root.pins)))
+            continue
+        unit = min((o.inner for m in mems for o in m.occurrences), default=1)
+        prefix = _common_prefix([m.fqn for m in mems])
+        if not prefix:  # no common module: name it after the layer that produces it
+            producer = next((m.fqn for m in mems if m.role == "out" and not m.is_buffer), mems[0].fqn)
+            prefix = producer.rpartition(".")[0]
+        groups.append(
+            Group(
+                "",
+                kind,
+                int(root.size),
+                unit,
+                sorted(mems, key=lambda m: (m.fqn, m.dim)),
+                _layer_of(prefix),
+                prefix,
+                group_size,
+            )
+        )
+        groups[-1]._class_id = cid  # type: ignore[attr-defined]
+        groups[-1]._inner_head = inner_head  # type: ignore[attr-defined]
+
+    _name_groups(groups)
+    ids = {g._class_id: g for g in groups}  # type: ignore[attr-defined]
+    for g in groups:
+        inner = g._inner_head  # type: ignore[attr-defined]
+        if inner is not None and inner in ids:
+            ids[inner].kv_group = g.name
+    order = {
+        "attention_heads": 0,
+        "kv_heads": 0,
+        "head_dim": 1,
+        "ffn_channels": 2,
+        "conv_channels": 2,
+        "channels": 3,
+        "hidden": 4,
+    }
+    groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, order.get(g.kind, 5), g.name))
+    pinned.sort(key=lambda p: (p.kind, p.members[0] if p.members else ("", 0)))
+    return CouplingReport(groups, pinned, dict(state.unruled), source)
+
+
+def _classify(
+    root: Atom, mems: list[Member], roots: dict[int, Atom], head_classes: set[int], state: AnalysisState
+) -> tuple[str, int | None, int | None]:
+    """Kind from structure alone: where the space sits in attention, convolutions and the stream."""
+    t = state.table
+    consumers = {m.fqn for m in mems if m.role == "in"}
+    if root.id in head_classes:
+        # a head class followed by another head class inside one parameter dim groups query heads:
+        # it is the kv-head space of grouped-query attention
+        for m in mems:
+            dims = state.env.get(_placeholder(state, m.fqn))
+            if not isinstance(dims, list):
+                continue
+            leaves = [t.find(x) for x in t.expand_dim(dims[m.dim])]
+            for i, leaf in enumerate(leaves):
+                if leaf is root:
+                    later = [x for x in leaves[i + 1 :] if x.id in head_classes and x is not root]
+                    if later:
+                        return "kv_heads", int(later[0].size), later[0].id
+        return "attention_heads", None, None
+    if "head_dim" in root.marks:
+        return "head_dim", None, None
+    if len(consumers) >= 2:
+        return "hidden", None, None
+    if "conv" in root.marks:
+        return "conv_channels", None, None
+    if any(m.role == "out" for m in mems):
+        return "ffn_channels", None, None
+    return "channels", None, None
+
+
+def _placeholder(state: AnalysisState, fqn: str) -> object:
+    for node, prov in state.provenance.items():
+        if prov.fqn == fqn and node.op == "placeholder" and prov.axes == tuple(range(len(prov.axes))):
+            return node
+    return None
+
+
+def _name_groups(groups: list[Group]) -> None:
+    seen: dict[str, int] = {}
+    for g in groups:
+        base = f"{g.prefix}:{g.kind}" if g.prefix else g.kind
+        base = re.sub(r"\s+", "", base)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        g.name = base if n == 0 else f"{base}#{n}"

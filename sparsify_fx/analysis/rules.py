@@ -1,0 +1,1037 @@
+"""The op registry: one rule per ATen op, saying how channel spaces flow through it.
+
+A rule receives a :class:`RuleContext` and returns the output's dims (a list of dims for a tensor,
+a list of such lists for a tuple). It states *equalities* (``ctx.unify``) for dims that must be
+permuted together, *structure* through reshape/split/cat (done by the space table), and *pins* for
+anything it cannot prove equivariant. Ops without a rule are pinned wholesale by the engine, with
+the op's name as the reason: sound before clever.
+
+Rules are keyed by ATen overload packet (``aten.linear``), so the same rule serves the
+``torch.export`` graphs (high-level ops) and AOTAutograd graphs (decomposed ops) alike.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sparsify_fx.analysis.context import RuleContext, Value
+from sparsify_fx.analysis.spaces import Dim, prod
+
+aten = torch.ops.aten
+Rule = Callable[[RuleContext], Value]
+
+RULES: dict[Any, Rule] = {}
+
+
+def register(*ops: Any) -> Callable[[Rule], Rule]:
+    """Register a rule for ATen overload packets (all overloads) or single overloads."""
+
+    def deco(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def rule_for(target: Any) -> Rule | None:
+    if target in RULES:
+        return RULES[target]
+    packet = getattr(target, "overloadpacket", None)
+    return RULES.get(packet) if packet is not None else None
+
+
+def _packets(*names: str) -> list[Any]:
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# ---------------------------------------------------------------------- pointwise
+UNARY = _packets(
+    "relu",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "exp",
+    "expm1",
+    "log",
+    "log1p",
+    "neg",
+    "abs",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "cos",
+    "sin",
+    "erf",
+    "square",
+    "sign",
+    "hardtanh",
+    "leaky_relu",
+    "elu",
+    "softplus",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "relu6",
+    "logit",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "clip",
+    "clone",
+    "contiguous",
+    "alias",
+    "detach",
+    "lift_fresh_copy",
+    "to",
+    "_to_copy",
+    "type_as",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "bitwise_not",
+    "logical_not",
+    "isnan",
+    "isinf",
+    "nan_to_num",
+    "round",
+    "floor",
+    "ceil",
+    "trunc",
+    "frac",
+    "sgn",
+    "gelu_",
+    "silu_",
+    "relu_",
+    "pow",
+    "fill",
+    "_conj",
+    "positive",
+    "celu",
+    "selu",
+    "threshold",
+    "glu_placeholder",
+)
+ACTIVATIONS = set(
+    _packets(
+        "relu",
+        "gelu",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "hardtanh",
+        "leaky_relu",
+        "elu",
+        "softplus",
+        "mish",
+        "hardswish",
+        "hardsigmoid",
+        "relu6",
+        "celu",
+        "selu",
+    )
+)
+
+
+@register(*UNARY)
+def _unary(ctx: RuleContext) -> Value:
+    tensors = ctx.tensor_args()
+    if len(tensors) != 1:  # e.g. pow(Tensor, Tensor): broadcasting
+        return _broadcast(ctx)
+    x = ctx.dims(tensors[0])
+    if getattr(ctx.node.target, "overloadpacket", None) in ACTIVATIONS and x:
+        # object tags survive unions: lets passes tell a gate projection from an up projection
+        ctx.table.tag(x[-1], "act")
+    return list(x)  # type: ignore[arg-type]
+
+
+BINARY = _packets(
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "rsub",
+    "maximum",
+    "minimum",
+    "pow",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "__and__",
+    "__or__",
+    "__xor__",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_xor",
+    "where",
+    "masked_fill",
+    "addcmul",
+    "addcdiv",
+    "lerp",
+    "fmod",
+    "remainder",
+    "atan2",
+    "copysign",
+    "floor_divide",
+    "true_divide",
+    "hypot",
+    "xlogy",
+    "clamp",
+    "_softmax_backward_data",
+    "threshold_backward",
+    "mse_loss_placeholder",
+)
+
+
+@register(*BINARY)
+def _broadcast(ctx: RuleContext) -> Value:
+    """Elementwise with broadcasting: aligned non-broadcast dims are one space."""
+    out_shape = ctx.out_shape()
+    rank = len(out_shape)
+    out: list[Dim | None] = [None] * rank
+    for x in ctx.tensor_args():
+        dims = ctx.dims(x) or []
+        shape = ctx.shape_of(x)
+        for i, d in enumerate(dims):
+            j = rank - len(dims) + i
+            if j < 0:
+                continue
+            if shape[i] == 1 and out_shape[j] != 1:
+                continue  # broadcast: constant along this dim, so it carries no space
+            if out[j] is None:
+                out[j] = d
+            else:
+                ctx.unify(out[j], d)  # type: ignore[arg-type]
+    return [d if d is not None else ctx.table.fresh_dim(s) for d, s in zip(out, out_shape)]
+
+
+@register(*_packets("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"))
+def _same_dims(ctx: RuleContext) -> Value:
+    # Softmax normalises over a dim: equivariant under any permutation of it.
+    return list(ctx.dims(ctx.tensor_args()[0]) or [])
+
+
+@register(*_packets("native_dropout"))
+def _native_dropout(ctx: RuleContext) -> Value:
+    x = ctx.dims(ctx.tensor_args()[0]) or []
+    return [list(x), list(x)]
+
+
+# ---------------------------------------------------------------------- constants
+UNIFORM_FACTORIES = _packets(
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "scalar_tensor",
+    "empty_strided",
+    "new_empty_strided",
+)
+
+
+@register(*UNIFORM_FACTORIES)
+def _uniform(ctx: RuleContext) -> Value:
+    # Same value everywhere: invariant under any permutation, so fresh free spaces.
+    return ctx.fresh(ctx.out_shape())
+
+
+@register(
+    *_packets(
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+        "bernoulli",
+        "randperm",
+        "linspace",
+        "eye",
+        "tril_indices",
+        "triu_indices",
+    )
+)
+def _varying_factory(ctx: RuleContext) -> Value:
+    return ctx.fresh_like_output(f"values depend on position ({ctx.op_name()})")
+
+
+@register(
+    *_packets(
+        "_assert_tensor_metadata",
+        "sym_size",
+        "sym_numel",
+        "sym_stride",
+        "_assert_scalar",
+        "sym_constrain_range_for_size",
+        "_assert_async",
+        "sym_storage_offset",
+    )
+)
+def _no_tensor(ctx: RuleContext) -> Value:
+    return None
+
+
+# ---------------------------------------------------------------------- reductions
+@register(
+    *_packets(
+        "sum",
+        "mean",
+        "amax",
+        "amin",
+        "prod",
+        "all",
+        "any",
+        "logsumexp",
+        "var",
+        "std",
+        "norm",
+        "linalg_vector_norm",
+        "count_nonzero",
+        "nansum",
+        "nanmean",
+    )
+)
+def _reduction(ctx: RuleContext) -> Value:
+    # Reductions are invariant under permutations of the reduced dims.
+    x = ctx.dims(ctx.tensor_args()[0]) or []
+    rank = len(x)
+    dim = ctx.arg("dim", None)
+    if dim is None:
+        for k in ("axis",):
+            dim = ctx.arg(k, None)
+    if dim is None or dim == [] or dim == ():
+        reduced = set(range(rank))
+    else:
+        reduced = {_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])}
+    keep = bool(ctx.arg("keepdim", False))
+    out = []
+    for i, d in enumerate(x):
+        if i not in reduced:
+            out.append(d)
+        elif keep:
+            out.append(ctx.table.fresh_dim(1))
+    return out
+
+
+@register(*_packets("max", "min", "median", "mode", "kthvalue", "aminmax"))
+def _reduction_with_indices(ctx: RuleContext) -> Value:
+    val = ctx.out_val()
+    x = ctx.dims(ctx.tensor_args()[0]) or []
+    if isinstance(val, torch.Tensor) and len(ctx.tensor_args()) == 2:  # maximum-like overload
+        return _broadcast(ctx)
+    if isinstance(val, torch.Tensor) and val.dim() == 0:  # full reduction to a value
+        return []
+    dim = _norm_dim(ctx.arg("dim", 0), len(x))
+    # the indices output names positions in the reduced dim: not permutation invariant
+    ctx.table.pin(x[dim], f"{ctx.op_name()} returns indices along this dim")
+    keep = bool(ctx.arg("keepdim", False))
+    out = [d if i != dim else ctx.table.fresh_dim(1) for i, d in enumerate(x) if i != dim or keep]
+    return [out, list(out)] if isinstance(val, list | tuple) else out
+
+
+@register(
+    *_packets(
+        "argmax",
+        "argmin",
+        "cumsum",
+        "cumprod",
+        "cummax",
+        "cummin",
+        "logcumsumexp",
+        "sort",
+        "argsort",
+        "topk",
+        "flip",
+        "roll",
+        "diff",
+        "msort",
+    )
+)
+def _order_dependent(ctx: RuleContext) -> Value:
+    """Ops whose result depends on the order along a dim: that dim is pinned, others pass."""
+    x = ctx.dims(ctx.tensor_args()[0]) or []
+    rank = len(x)
+    dim = ctx.arg("dim", None)
+    if dim is None:
+        dim = ctx.arg("dims", None)
+    dims = (
+        {_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])}
+        if dim is not None
+        else set(range(rank))
+    )
+    for d in dims:
+        if d < rank:
+            ctx.table.pin(x[d], f"{ctx.op_name()} depends on order along this dim")
+    val = ctx.out_val()
+    if isinstance(val, torch.Tensor) and list(val.shape) == [s for s in ctx.shape_of(ctx.tensor_args()[0])]:
+        return list(x)
+    return ctx.fresh_like_output(f"{ctx.op_name()} output")
+
+
+# ---------------------------------------------------------------------- linear algebra
+@register(aten.linear)
+def _linear(ctx: RuleContext) -> Value:
+    x, w, b = ctx.arg("input"), ctx.arg("weight"), ctx.arg("bias")
+    xd, wd = ctx.dims(x), ctx.dims(w)
+    ctx.unify(xd[-1], wd[1])
+    ctx.role(w, 1, "in")
+    ctx.role(w, 0, "out")
+    if b is not None and ctx.dims(b):
+        ctx.unify(ctx.dims(b)[0], wd[0])
+    return list(xd[:-1]) + [wd[0]]
+
+
+@register(aten.mm)
+def _mm(ctx: RuleContext) -> Value:
+    a, b = ctx.arg("self"), ctx.arg("mat2")
+    ad, bd = ctx.dims(a), ctx.dims(b)
+    ctx.unify(ad[1], bd[0])
+    _weight_roles(ctx, a, 1, 0)
+    _weight_roles(ctx, b, 0, 1)
+    return [ad[0], bd[1]]
+
+
+def _weight_roles(ctx: RuleContext, x: Any, contracted: int, free: int) -> None:
+    ctx.role(x, contracted, "in")
+    ctx.role(x, free, "out")
+
+
+@register(aten.addmm)
+def _addmm(ctx: RuleContext) -> Value:
+    a, b = ctx.arg("mat1"), ctx.arg("mat2")
+    ad, bd = ctx.dims(a), ctx.dims(b)
+    ctx.unify(ad[1], bd[0])
+    _weight_roles(ctx, a, 1, 0)
+    _weight_roles(ctx, b, 0, 1)
+    out = [ad[0], bd[1]]
+    bias = ctx.arg("self")
+    _broadcast_into(ctx, bias, out, ctx.out_shape())
+    return out
+
+
+def _broadcast_into(ctx: RuleContext, x: Any, out: list[Dim], out_shape: list) -> None:
+    dims = ctx.dims(x)
+    if not dims:
+        return
+    shape = ctx.shape_of(x)
+    for i, d in enumerate(dims):
+        j = len(out) - len(dims) + i
+        if j >= 0 and not (shape[i] == 1 and out_shape[j] != 1):
+            ctx.unify(out[j], d)
+
+
+def _bmm_core(ctx: RuleContext, ad: list[Dim], bd: list[Dim], a: Any, b: Any) -> list[Dim]:
+    """[..., n, k] @ [..., k, m] with broadcasting batch dims."""
+    ctx.unify(ad[-1], bd[-2])
+    a_shape, b_shape = ctx.shape_of(a), ctx.shape_of(b)
+    ab, bb = ad[:-2], bd[:-2]
+    nb = max(len(ab), len(bb))
+    batch: list[Dim] = []
+    for j in range(nb):
+        ia, ib = j - (nb - len(ab)), j - (nb - len(bb))
+        da = ab[ia] if ia >= 0 and a_shape[ia] != 1 else None
+        db = bb[ib] if ib >= 0 and b_shape[ib] != 1 else None
+        if da is not None and db is not None:
+            ctx.unify(da, db)
+        d = da or db
+        batch.append(d if d is not None else ctx.table.fresh_dim(1))
+    if not ctx.is_state(a) and not ctx.is_state(b) and batch:
+        # a batched product of two activations (attention scores, attention @ V): batch dims are heads
+        for d in batch:
+            ctx.table.mark(d, "bmm_batch")
+    return batch + [ad[-2], bd[-1]]
+
+
+@register(aten.bmm)
+def _bmm(ctx: RuleContext) -> Value:
+    a, b = ctx.arg("self"), ctx.arg("mat2")
+    return _bmm_core(ctx, ctx.dims(a), ctx.dims(b), a, b)
+
+
+@register(aten.baddbmm)
+def _baddbmm(ctx: RuleContext) -> Value:
+    a, b = ctx.arg("batch1"), ctx.arg("batch2")
+    out = _bmm_core(ctx, ctx.dims(a), ctx.dims(b), a, b)
+    _broadcast_into(ctx, ctx.arg("self"), out, ctx.out_shape())
+    return out
+
+
+@register(aten.matmul)
+def _matmul(ctx: RuleContext) -> Value:
+    a, b = ctx.arg("self"), ctx.arg("other")
+    ad, bd = list(ctx.dims(a)), list(ctx.dims(b))
+    if len(ad) == 1 and len(bd) == 1:
+        ctx.unify(ad[0], bd[0])
+        return []
+    if len(bd) == 1:
+        ctx.unify(ad[-1], bd[0])
+        _weight_roles(ctx, b, 0, 0)
+        return ad[:-1]
+    if len(ad) == 1:
+        ctx.unify(ad[0], bd[-2])
+        return bd[:-2] + [bd[-1]]
+    if len(bd) == 2:
+        _weight_roles(ctx, b, 0, 1)
+    return _bmm_core(ctx, ad, bd, a, b)
+
+
+@register(aten.einsum)
+def _einsum(ctx: RuleContext) -> Value:
+    eq: str = ctx.arg("equation")
+    operands = ctx.arg("tensors")
+    if "..." in eq or "->" not in eq:
+        ctx.pin_inputs("einsum with ellipsis or implicit output")
+        return ctx.fresh_like_output("einsum with ellipsis or implicit output")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    letters: dict[str, Dim] = {}
+    for spec, x in zip(lhs.split(","), operands):
+        dims, shape = ctx.dims(x) or [], ctx.shape_of(x)
+        for ch, d, s in zip(spec, dims, shape):
+            if s == 1:
+                continue
+            if ch in letters:
+                ctx.unify(letters[ch], d)
+            else:
+                letters[ch] = d
+    return [letters[ch] if ch in letters else ctx.table.fresh_dim(1) for ch in rhs]
+
+
+@register(
+    *_packets(
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "_convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+    )
+)
+def _conv(ctx: RuleContext) -> Value:
+    x, w, b = ctx.arg("input"), ctx.arg("weight"), ctx.arg("bias")
+    xd, wd = ctx.dims(x), ctx.dims(w)
+    groups = int(ctx.arg("groups", 1))
+    name = str(getattr(ctx.node.target, "overloadpacket", ctx.node.target))
+    transposed = bool(ctx.arg("transposed", False)) or "transpose" in name
+    t = ctx.table
+    # kernel taps are positions: never permutable
+    t.pin_dims(wd[2:], "convolution kernel positions")
+    cin_w, cout_w = (wd[0], wd[1]) if transposed else (wd[1], wd[0])
+    ctx.role(w, 0 if transposed else 1, "in")
+    ctx.role(w, 1 if transposed else 0, "out")
+    out_shape = ctx.out_shape()
+    if groups == 1:
+        ctx.unify(xd[1], cin_w)
+        cout = cout_w
+    else:
+        g = t.fresh(groups)
+        cin_g = t.fresh(prod(a.size for a in xd[1]) // groups) if not transposed else None
+        x_in = (g, cin_g) if cin_g is not None else (g, t.fresh(prod(a.size for a in cin_w) // groups))
+        ctx.unify(xd[1], x_in)
+        if not transposed:
+            ctx.unify((cin_g,), cin_w)  # type: ignore[arg-type]
+            cout_g = t.fresh(out_shape[1] // groups)
+            ctx.unify(cout_w, (g, cout_g))
+            cout = (g, cout_g)
+        else:
+            ctx.unify(cin_w, x_in)
+            cout = (g, *cout_w)
+    if b is not None and ctx.dims(b):
+        ctx.unify(ctx.dims(b)[0], cout)
+    for d in (xd[1], cout, cin_w, cout_w):
+        t.mark(d, "conv")
+    spatial = ctx.fresh(out_shape[2:], "convolution output positions")
+    t.pin_dims(xd[2:], "convolution input positions")
+    return [xd[0], cout, *spatial]
+
+
+@register(aten.embedding)
+def _embedding(ctx: RuleContext) -> Value:
+    w, idx = ctx.arg("weight"), ctx.arg("indices")
+    wd, idd = ctx.dims(w), ctx.dims(idx) or []
+    ctx.table.pin(wd[0], "embedding rows are selected by data (token ids)")
+    ctx.role(w, 1, "out")
+    return list(idd) + [wd[1]]
+
+
+# ---------------------------------------------------------------------- normalisation
+@register(*_packets("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"))
+def _layer_norm(ctx: RuleContext) -> Value:
+    x = ctx.arg("input")
+    xd = ctx.dims(x)
+    k = len(ctx.arg("normalized_shape"))
+    # the normalisation reduces over the last k dims (permutation invariant); the affine
+    # parameters are per-element, so they carry those dims
+    for name in ("weight", "bias"):
+        p = ctx.arg(name)
+        if p is not None and ctx.dims(p):
+            for pd, d in zip(ctx.dims(p), xd[-k:]):
+                ctx.unify(pd, d)
+    out = list(xd)
+    val = ctx.out_val()
+    if isinstance(val, list | tuple):
+        stats = [list(xd[:-k]) + [ctx.table.fresh_dim(1) for _ in range(k)] for _ in val[1:]]
+        return [out, *stats]
+    return out
+
+
+@register(
+    *_packets(
+        "batch_norm",
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional",
+        "instance_norm",
+        "cudnn_batch_norm",
+        "_batch_norm_impl_index",
+        "_batch_norm_no_update",
+        "_batch_norm_with_update",
+        "_batch_norm_with_update_functional",
+    )
+)
+def _batch_norm(ctx: RuleContext) -> Value:
+    # per-channel statistics and affine parameters all carry the channel dim (dim 1)
+    x = ctx.arg("input")
+    xd = ctx.dims(x)
+    ch = xd[1]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        p = ctx.arg(name)
+        if p is not None and ctx.dims(p):
+            ctx.unify(ctx.dims(p)[0], ch)
+    ctx.table.mark(ch, "norm_channel")
+    val = ctx.out_val()
+    if isinstance(val, list | tuple):
+        outs: list[Any] = [list(xd)]
+        for v in val[1:]:
+            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == val[0].shape[1]:
+                outs.append([ch])
+            elif isinstance(v, torch.Tensor):
+                outs.append(ctx.fresh([s for s in v.shape], "batch-norm auxiliary output"))
+            else:
+                outs.append(None)
+        return outs
+    return list(xd)
+
+
+@register(*_packets("group_norm", "native_group_norm"))
+def _group_norm(ctx: RuleContext) -> Value:
+    x = ctx.arg("input")
+    xd = ctx.dims(x)
+    groups = int(ctx.arg("num_groups", ctx.arg("group", 1)))
+    c = ctx.shape_of(x)[1]
+    g = ctx.table.fresh(groups)
+    per = ctx.table.fresh(c // groups)
+    ctx.unify(xd[1], (g, per))
+    for name in ("weight", "bias"):
+        p = ctx.arg(name)
+        if p is not None and ctx.dims(p):
+            ctx.unify(ctx.dims(p)[0], xd[1])
+    val = ctx.out_val()
+    if isinstance(val, list | tuple):
+        return [list(xd)] + [ctx.fresh(list(v.shape), "group-norm statistics") for v in val[1:]]
+    return list(xd)
+
+
+# ---------------------------------------------------------------------- attention
+@register(
+    *_packets(
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_attention_math",
+    )
+)
+def _sdpa(ctx: RuleContext) -> Value:
+    q, k, v = ctx.arg("query"), ctx.arg("key"), ctx.arg("value")
+    qd, kd, vd = ctx.dims(q), ctx.dims(k), ctx.dims(v)
+    t = ctx.table
+    # q·kᵀ contracts the head dim E; attention @ v maps key positions S to the value dim Ev
+    ctx.unify(qd[-1], kd[-1])
+    ctx.unify(kd[-2], vd[-2])
+    hq, hk = ctx.shape_of(q)[-3] if len(qd) >= 3 else 1, ctx.shape_of(k)[-3] if len(kd) >= 3 else 1
+    # object tags first (they survive the unions below): passes use them to find q/k/v projections
+    for d, tag in ((qd, "q"), (kd, "k"), (vd, "v")):
+        if len(d) >= 3:
+            t.tag(d[-3], tag)
+    if len(qd) >= 3:
+        ctx.unify(kd[-3], vd[-3])
+        if hq == hk:
+            ctx.unify(qd[-3], kd[-3])
+        else:
+            # grouped-query attention: query head h reads kv head h // (hq / hk)
+            group = t.fresh(hq // hk)
+            ctx.unify(qd[-3], tuple(kd[-3]) + (group,))
+        for d in (qd[-3], kd[-3]):
+            t.mark(d, "head")
+        # batch dims broadcast like elementwise ops
+        for i in range(len(qd) - 3):
+            ctx.unify(qd[i], kd[i])
+            ctx.unify(kd[i], vd[i])
+    t.mark(qd[-1], "head_dim")
+    t.mark(vd[-1], "head_dim")
+    mask = ctx.arg("attn_mask")
+    l_dim, s_dim = qd[-2], kd[-2]
+    if ctx.arg("is_causal", False):
+        t.pin(l_dim, "causal attention orders positions")
+        t.pin(s_dim, "causal attention orders positions")
+    out = list(qd[:-1]) + [vd[-1]]
+    if mask is not None and ctx.dims(mask):
+        scores = list(qd[:-1]) + [s_dim]
+        _broadcast_into(ctx, mask, scores, ctx.shape_of(q)[:-1] + [ctx.shape_of(k)[-2]])
+    val = ctx.out_val()
+    if isinstance(val, list | tuple):
+        extra: list[Any] = []
+        for x in val[1:]:
+            if isinstance(x, torch.Tensor) and x.dim() == len(qd) - 1 and len(qd) >= 3:
+                extra.append(list(qd[:-1]))  # logsumexp: [..., H, L]
+            elif isinstance(x, torch.Tensor):
+                extra.append(ctx.fresh(list(x.shape), "attention auxiliary output"))
+            else:
+                extra.append(None)
+        return [out, *extra]
+    return out
+
+
+# ---------------------------------------------------------------------- layout
+@register(
+    *_packets("view", "reshape", "_unsafe_view", "flatten", "unflatten", "_reshape_alias", "view_copy", "_reshape_copy")
+)
+def _reshape(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    return ctx.table.reshape(ctx.dims(x) or [], ctx.out_shape())
+
+
+@register(*_packets("transpose", "swapaxes", "swapdims"))
+def _transpose(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = list(ctx.dims(x) or [])
+    n = len(d)
+    a = _norm_dim(ctx.arg("dim0", ctx.arg("axis0", 0)), n)
+    b = _norm_dim(ctx.arg("dim1", ctx.arg("axis1", 0)), n)
+    d[a], d[b] = d[b], d[a]
+    return d
+
+
+@register(aten.t, aten.numpy_T)
+def _t(ctx: RuleContext) -> Value:
+    d = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    return d[::-1]
+
+
+@register(aten.permute)
+def _permute(ctx: RuleContext) -> Value:
+    d = ctx.dims(ctx.tensor_args()[0]) or []
+    order = [_norm_dim(i, len(d)) for i in ctx.arg("dims")]
+    return [d[i] for i in order]
+
+
+@register(aten.movedim)
+def _movedim(ctx: RuleContext) -> Value:
+    d = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    src, dst = ctx.arg("source"), ctx.arg("destination")
+    src = [_norm_dim(s, len(d)) for s in (src if isinstance(src, list | tuple) else [src])]
+    dst = [_norm_dim(s, len(d)) for s in (dst if isinstance(dst, list | tuple) else [dst])]
+    rest = [x for i, x in enumerate(d) if i not in src]
+    out: list[Dim | None] = [None] * len(d)
+    for s, t in zip(src, dst):
+        out[t] = d[s]
+    it = iter(rest)
+    return [x if x is not None else next(it) for x in out]
+
+
+@register(aten.unsqueeze)
+def _unsqueeze(ctx: RuleContext) -> Value:
+    d = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    pos = _norm_dim(ctx.arg("dim"), len(d) + 1)
+    return d[:pos] + [ctx.table.fresh_dim(1)] + d[pos:]
+
+
+@register(aten.squeeze)
+def _squeeze(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d, shape = ctx.dims(x) or [], ctx.shape_of(x)
+    dim = ctx.arg("dim", None)
+    if dim is None:
+        drop = {i for i, s in enumerate(shape) if s == 1}
+    else:
+        drop = {_norm_dim(i, len(d)) for i in (dim if isinstance(dim, list | tuple) else [dim])}
+        drop = {i for i in drop if shape[i] == 1}
+    return [x for i, x in enumerate(d) if i not in drop]
+
+
+@register(*_packets("expand", "expand_copy", "broadcast_to", "expand_as"))
+def _expand(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d, shape = ctx.dims(x) or [], ctx.shape_of(x)
+    out_shape = ctx.out_shape()
+    lead = len(out_shape) - len(d)
+    out = [ctx.table.fresh_dim(s) for s in out_shape[:lead]]
+    for i, (dd, s) in enumerate(zip(d, shape)):
+        # an expanded size-1 dim is constant along it: a fresh, free space (GQA's repeat_kv)
+        out.append(ctx.table.fresh_dim(out_shape[lead + i]) if s == 1 and out_shape[lead + i] != 1 else dd)
+    return out
+
+
+@register(aten.repeat)
+def _repeat(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = ctx.dims(x) or []
+    reps = list(ctx.arg("repeats"))
+    lead = len(reps) - len(d)
+    out = [ctx.table.fresh_dim(r) for r in reps[:lead]]
+    for dd, r in zip(d, reps[lead:]):
+        # tiling: out index = copy * n + i, and every copy is equal
+        out.append(dd if r == 1 else (ctx.table.fresh(r), *dd))
+    return out
+
+
+@register(aten.repeat_interleave)
+def _repeat_interleave(ctx: RuleContext) -> Value:
+    x = ctx.arg("self")
+    reps = ctx.arg("repeats")
+    dim = ctx.arg("dim")
+    if not isinstance(x, torch.fx.Node) or not isinstance(reps, int) or dim is None:
+        ctx.pin_inputs("repeat_interleave with tensor repeats")
+        return ctx.fresh_like_output("repeat_interleave with tensor repeats")
+    d = list(ctx.dims(x) or [])
+    i = _norm_dim(dim, len(d))
+    d[i] = (*d[i], ctx.table.fresh(reps))  # out index = i * r + copy
+    return d
+
+
+@register(aten.select)
+def _select(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = list(ctx.dims(x) or [])
+    i = _norm_dim(ctx.arg("dim"), len(d))
+    if ctx.shape_of(x)[i] != 1:
+        ctx.table.pin(d[i], "select picks a fixed index along this dim")
+    return d[:i] + d[i + 1 :]
+
+
+@register(aten.unbind)
+def _unbind(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = list(ctx.dims(x) or [])
+    i = _norm_dim(ctx.arg("dim", 0), len(d))
+    ctx.table.pin(d[i], "unbind picks fixed indices along this dim")
+    rest = d[:i] + d[i + 1 :]
+    return [list(rest) for _ in ctx.out_val()]
+
+
+@register(aten.slice, aten.narrow)
+def _slice(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = list(ctx.dims(x) or [])
+    shape = ctx.shape_of(x)
+    i = _norm_dim(ctx.arg("dim", 0), len(d))
+    out_len = ctx.out_shape()[i]
+    if out_len == shape[i]:
+        return d
+    step = ctx.arg("step", 1)
+    start = ctx.arg("start", 0)
+    if not isinstance(start, int) or not isinstance(shape[i], int) or step != 1:
+        ctx.table.pin(d[i], "slice with symbolic bounds or a step")
+        d[i] = ctx.table.fresh_dim(out_len, "slice with symbolic bounds or a step")
+        return d
+    start = _norm_dim(start, shape[i]) if start < 0 else min(start, shape[i])
+    d[i] = ctx.table.slice(d[i], start, out_len, "slice cuts inside a unit")
+    return d
+
+
+@register(
+    *_packets(
+        "split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk"
+    )
+)
+def _split(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = ctx.dims(x) or []
+    i = _norm_dim(ctx.arg("dim", 0), len(d))
+    outs = []
+    start = 0
+    for v in ctx.out_val():
+        n = int(v.shape[i]) if not isinstance(v.shape[i], torch.SymInt) else v.shape[i]
+        if not isinstance(n, int):
+            ctx.table.pin(d[i], "split with symbolic sizes")
+            od = list(d)
+            od[i] = ctx.table.fresh_dim(n, "split with symbolic sizes")
+        else:
+            od = list(d)
+            od[i] = ctx.table.slice(d[i], start, n, "split cuts inside a unit")
+            start += n
+        outs.append(od)
+    return outs
+
+
+@register(aten.cat, aten.concat, aten.concatenate)
+def _cat(ctx: RuleContext) -> Value:
+    xs = [x for x in ctx.arg("tensors") if isinstance(x, torch.fx.Node)]
+    xs = [x for x in xs if ctx.shape_of(x) != [0]]  # legacy empty tensors take no part
+    dims = [ctx.dims(x) or [] for x in xs]
+    rank = len(dims[0])
+    i = _norm_dim(ctx.arg("dim", 0), rank)
+    for dd in dims[1:]:  # other dims are aligned
+        for j in range(rank):
+            if j != i:
+                ctx.unify(dims[0][j], dd[j])
+    out = list(dims[0])
+    out[i] = ctx.table.concat([dd[i] for dd in dims], "cat")
+    return out
+
+
+@register(aten.stack)
+def _stack(ctx: RuleContext) -> Value:
+    xs = [x for x in ctx.arg("tensors") if isinstance(x, torch.fx.Node)]
+    dims = [ctx.dims(x) or [] for x in xs]
+    for dd in dims[1:]:
+        for a, b in zip(dims[0], dd):
+            ctx.unify(a, b)
+    i = _norm_dim(ctx.arg("dim", 0), len(dims[0]) + 1)
+    new = ctx.table.fresh_dim(len(xs), "stack: position of each stacked tensor")
+    return list(dims[0][:i]) + [new] + list(dims[0][i:])
+
+
+@register(aten.index_select)
+def _index_select(ctx: RuleContext) -> Value:
+    x = ctx.arg("self")
+    d = list(ctx.dims(x) or [])
+    i = _norm_dim(ctx.arg("dim"), len(d))
+    ctx.table.pin(d[i], "index_select with data-dependent indices")
+    d[i] = ctx.table.fresh_dim(ctx.out_shape()[i], "index_select output")
+    return d
+
+
+@register(aten.gather)
+def _gather(ctx: RuleContext) -> Value:
+    x, idx = ctx.arg("self"), ctx.arg("index")
+    xd, idd = ctx.dims(x) or [], ctx.dims(idx) or []
+    i = _norm_dim(ctx.arg("dim"), len(xd))
+    ctx.table.pin(xd[i], "gather with data-dependent indices")
+    xs, ids = ctx.shape_of(x), ctx.shape_of(idx)
+    for j in range(len(xd)):
+        if j != i and xs[j] == ids[j]:
+            ctx.unify(xd[j], idd[j])
+    return list(idd)
+
+
+@register(aten.index)
+def _index(ctx: RuleContext) -> Value:
+    x = ctx.arg("self")
+    d = ctx.dims(x) or []
+    indices = ctx.arg("indices")
+    positions = [j for j, ix in enumerate(indices) if ix is not None]
+    for j in positions:
+        ctx.table.pin(d[j], "advanced indexing with data-dependent indices")
+    out_shape = ctx.out_shape()
+    n_rest = len(d) - len(indices)
+    adjacent = positions == list(range(positions[0], positions[-1] + 1)) if positions else True
+    before = [d[j] for j in range(positions[0]) if j not in positions] if adjacent and positions else []
+    after = [d[j] for j in range(len(indices)) if j > positions[-1] and j not in positions] if positions else []
+    keep_none = [d[j] for j in range(len(indices)) if j not in positions]
+    tail = list(d[len(indices) :]) if n_rest > 0 else []
+    if adjacent:
+        mid = len(out_shape) - len(before) - len(after) - len(tail)
+        return before + ctx.fresh(out_shape[len(before) : len(before) + mid], "indexed") + after + tail
+    mid = len(out_shape) - len(keep_none) - len(tail)
+    return ctx.fresh(out_shape[:mid], "indexed") + keep_none + tail
+
+
+@register(
+    *_packets(
+        "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"
+    )
+)
+def _pad(ctx: RuleContext) -> Value:
+    x = ctx.tensor_args()[0]
+    d = list(ctx.dims(x) or [])
+    in_shape, out_shape = ctx.shape_of(x), ctx.out_shape()
+    for j, (a, b) in enumerate(zip(in_shape, out_shape)):
+        if a != b:
+            ctx.table.pin(d[j], "padding appends positions")
+            d[j] = ctx.table.fresh_dim(b, "padding appends positions")
+    return d
+
+
+@register(
+    *_packets(
+        "max_pool2d",
+        "avg_pool2d",
+        "max_pool1d",
+        "avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool1d",
+        "adaptive_max_pool2d",
+        "max_pool2d_with_indices",
+        "_adaptive_avg_pool2d",
+        "upsample_nearest2d",
+        "upsample_bilinear2d",
+    )
+)
+def _pool(ctx: RuleContext) -> Value:
+    # Pooling acts per channel over spatial positions: channels pass through, positions are pinned.
+    x = ctx.tensor_args()[0]
+    d = ctx.dims(x) or []
+    n_spatial = sum(1 for _ in d) - 2
+    ctx.table.pin_dims(d[2:], "pooling over positions")
+    val = ctx.out_val()
+    first = val[0] if isinstance(val, list | tuple) else val
+    out = list(d[:2]) + ctx.fresh(list(first.shape)[2 : 2 + n_spatial], "pooled positions")
+    if isinstance(val, list | tuple):
+        return [out] + [ctx.fresh(list(v.shape), "pooling indices") for v in val[1:]]
+    return out
+
+
+@register(operator.getitem)
+def _getitem(ctx: RuleContext) -> Value:
+    src, idx = ctx.node.args
+    v = ctx.state.env.get(src)
+    # a tuple value is a list of (dims | None); a tensor value is a list of tuples
+    if isinstance(v, list) and isinstance(idx, int) and idx < len(v) and (v[idx] is None or isinstance(v[idx], list)):
+        return v[idx]
+    return ctx.fresh_like_output("getitem of an unknown value")
+
+
+@register(
+    *_packets(
+        "scatter",
+        "scatter_add",
+        "index_put",
+        "index_add",
+        "index_copy",
+        "masked_scatter",
+        "scatter_reduce",
+        "index_fill",
+    )
+)
+def _scatter(ctx: RuleContext) -> Value:
+    ctx.pin_inputs(f"{ctx.op_name()} writes at data-dependent positions")
+    return ctx.fresh_like_output(f"{ctx.op_name()} writes at data-dependent positions")
