@@ -301,7 +301,8 @@ def _backward(ctx, grad_y: Tensor):
         )
         for i, g in zip(idx, grads):
             grad_blocks[i] = g
-    return grad_x, None, None, grad_blocks, None, None
+    # An empty int list is an empty pytree node to autograd's tensor-list wrapper, so it wants [] back, not None.
+    return grad_x, None, None, grad_blocks, None, [] if not ctx.starts else None
 
 
 s2ft_linear.register_autograd(_backward, setup_context=_setup_context)
