@@ -308,3 +308,34 @@ def test_bad_x_bias_and_dtype_raise_config_error():
     with torch._subclasses.fake_tensor.FakeTensorMode():
         with pytest.raises(ConfigError, match="overlap"):
             s2ft_linear(torch.randn(3, 5), torch.randn(6, 5), None, [torch.randn(2, 5)] * 2, 0, [0, 1])
+
+
+def test_ops_never_import_triton_and_kernels_import_without_it():
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        import sparsify_fx.ops
+        assert not any(m == "triton" or m.startswith("triton.") for m in sys.modules), "ops.py imported triton"
+        sys.modules["triton"] = None  # from here on `import triton` raises ImportError
+        import torch
+        from sparsify_fx.codegen.kernels import delta_gemm, sliced_wgrad
+        from sparsify_fx.codegen.lowering import lowering_for
+        from sparsify_fx.errors import ConfigError
+        assert not sliced_wgrad.HAS_TRITON and not delta_gemm.HAS_TRITON
+        assert lowering_for(torch.ops.sparsify.s2ft_weight_grad.default, "triton") is None
+        assert lowering_for(torch.ops.sparsify.s2ft_linear.default, "triton") is None
+        try:
+            sliced_wgrad.sliced_wgrad(torch.randn(3, 4), torch.randn(3, 5), 0, 0, 2)
+        except ConfigError as e:
+            assert "needs triton" in str(e)
+        else:
+            raise AssertionError("no error without triton")
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

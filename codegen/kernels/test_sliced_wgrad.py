@@ -65,6 +65,8 @@ def test_strided_leading_dims_and_packed_x():
     _close(sw.sliced_wgrad(grad_y, x, 1, 20, 13), want, torch.float32)
     packed = torch.cat([x[..., 2:4], x[..., 20:33]], dim=-1)
     _close(sw.sliced_wgrad(grad_y, packed, 1, 2, 13), want, torch.float32)
+    # no tokens: the gradient is zero
+    assert torch.equal(sw.sliced_wgrad(grad_y[:0], x[:0], 1, 20, 13), torch.zeros(17, 13))
     # a row slice of a non-contiguous grad_y
     gy_t = _rand(17, 15, seed=12).t()
     _close(sw.sliced_wgrad(gy_t, x.reshape(15, 33), 0, 4, 9),
