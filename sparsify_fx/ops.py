@@ -189,8 +189,9 @@ def s2ft_weight_grad(grad_y: Tensor, x_saved: Tensor, dim: int, starts: list[int
     ``starts`` then only records where the blocks sit in ``W``.
     """
     _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
-    g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    x2 = x_saved.reshape(-1, x_saved.shape[-1])
+    dtype = torch.promote_types(grad_y.dtype, x_saved.dtype)  # what the fake kernel promises
+    g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+    x2 = x_saved.reshape(-1, x_saved.shape[-1]).to(dtype)
     out = []
     for off, n in _weight_grad_slices(dim, starts, lengths, x_is_sliced):
         if dim == 0:
