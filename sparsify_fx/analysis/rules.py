@@ -366,6 +366,8 @@ def _reduction_with_indices(ctx: RuleContext) -> Value:
         "argsort",
         "topk",
         "flip",
+        "tril",
+        "triu",
         "roll",
         "diff",
         "msort",

@@ -1,0 +1,238 @@
+"""Small real models shared by the tests: transformers configs with random weights, a CNN, an MLP,
+and a random-architecture generator for property tests. Imported by path (tests are not a package)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message=".*token_id.*")
+
+
+def llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def mistral(layers: int = 2, heads: int = 4, kv_heads: int = 1, hidden: int = 64, inter: int = 128, vocab: int = 128):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        sliding_window=None,
+    )
+    return MistralForCausalLM(cfg)
+
+
+def gpt2(layers: int = 2, heads: int = 4, hidden: int = 64, vocab: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=128, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def bert(layers: int = 2, heads: int = 4, hidden: int = 64, inter: int = 128, vocab: int = 128):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+    )
+    return BertModel(cfg)
+
+
+class SmallCNN(nn.Module):
+    """conv -> BatchNorm -> ReLU -> conv -> BatchNorm -> ReLU -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 12, widths: tuple[int, ...] = (32, 24), d_out: int = 5) -> None:
+        super().__init__()
+        dims = [d_in, *widths, d_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.gelu(x)
+        return x
+
+
+def randomize_norm_stats(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so a wrong permutation of them would show."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
+
+
+# ---------------------------------------------------------------------- random architectures
+@dataclass(frozen=True)
+class ArchSpec:
+    depth: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    fused_qkv: bool
+    gated: bool
+    bias: bool
+    residual: bool
+    norm: str  # "layer" | "rms" | "none"
+    attention: str  # "sdpa" | "matmul"
+    rope: bool
+    gqa_style: str  # "repeat_interleave" | "expand" | "sdpa"
+    act: str
+    embed: bool
+    causal: bool
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, s: ArchSpec) -> None:
+        super().__init__()
+        self.s = s
+        qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        if s.fused_qkv:
+            self.qkv = nn.Linear(s.hidden, qd + 2 * kvd, bias=s.bias)
+        else:
+            self.q = nn.Linear(s.hidden, qd, bias=s.bias)
+            self.k = nn.Linear(s.hidden, kvd, bias=s.bias)
+            self.v = nn.Linear(s.hidden, kvd, bias=s.bias)
+        self.o = nn.Linear(qd, s.hidden, bias=s.bias)
+        self.up = nn.Linear(s.hidden, s.ffn, bias=s.bias)
+        if s.gated:
+            self.gate = nn.Linear(s.hidden, s.ffn, bias=s.bias)
+        self.down = nn.Linear(s.ffn, s.hidden, bias=s.bias)
+        norm = {"layer": lambda: nn.LayerNorm(s.hidden), "rms": lambda: RMSNorm(s.hidden), "none": nn.Identity}
+        self.n1, self.n2 = norm[s.norm](), norm[s.norm]()
+        if s.norm == "layer":
+            for n in (self.n1, self.n2):
+                n.weight.data.uniform_(0.5, 1.5)
+                n.bias.data.normal_()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        s = self.s
+        b, t, _ = x.shape
+        h = self.n1(x)
+        if s.fused_qkv:
+            qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+            q, k, v = self.qkv(h).split([qd, kvd, kvd], dim=-1)
+        else:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        q = q.view(b, t, s.heads, s.head_dim).transpose(1, 2)
+        k = k.view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
+        if cos is not None:
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        g = s.heads // s.kv_heads
+        if g > 1 and not (s.gqa_style == "sdpa" and s.attention == "sdpa"):
+            if s.gqa_style == "expand":
+                k = k[:, :, None].expand(b, s.kv_heads, g, t, s.head_dim).reshape(b, s.heads, t, s.head_dim)
+                v = v[:, :, None].expand(b, s.kv_heads, g, t, s.head_dim).reshape(b, s.heads, t, s.head_dim)
+            else:
+                k = k.repeat_interleave(g, dim=1)
+                v = v.repeat_interleave(g, dim=1)
+        if s.attention == "sdpa":
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal, enable_gqa=g > 1)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(s.head_dim)
+            if s.causal:
+                mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+                scores = scores.masked_fill(~mask, float("-inf"))
+            a = scores.softmax(-1) @ v
+        a = self.o(a.transpose(1, 2).reshape(b, t, s.heads * s.head_dim))
+        x = x + a if s.residual else a
+        h = self.n2(x)
+        act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[s.act]
+        f = act(self.gate(h)) * self.up(h) if s.gated else act(self.up(h))
+        f = self.down(f)
+        return x + f if s.residual else f
+
+
+class RandomTransformer(nn.Module):
+    def __init__(self, s: ArchSpec, vocab: int = 20, d_in: int = 6, d_out: int = 7) -> None:
+        super().__init__()
+        self.s = s
+        self.inp = nn.Embedding(vocab, s.hidden) if s.embed else nn.Linear(d_in, s.hidden)
+        self.blocks = nn.ModuleList(Block(s) for _ in range(s.depth))
+        self.head = nn.Linear(s.hidden, d_out)
+        if s.rope:
+            self.register_buffer("inv_freq", 1.0 / (100.0 ** (torch.arange(0, s.head_dim, 2).float() / s.head_dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        cos = sin = None
+        if self.s.rope:
+            pos = torch.arange(h.shape[1], device=h.device).float()
+            freqs = pos[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+        for blk in self.blocks:
+            h = blk(h, cos, sin)
+        return self.head(h)
+
+    def example_input(self, batch: int = 2, seq: int = 5, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        if self.s.embed:
+            return torch.randint(0, 20, (batch, seq), generator=g)
+        return torch.randn(batch, seq, 6, generator=g)
