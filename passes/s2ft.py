@@ -202,7 +202,7 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
                     units.append(Unit(g, "ffn", chosen))
     for kind, wanted in (("attention", cfg.attention), ("ffn", cfg.ffn)):
         missing = [p for p in wanted if p not in found[kind]]
-        if missing and (found[kind] or wanted):
+        if missing and found[kind]:
             where = f"found {sorted(found[kind])}" if found[kind] else "the model has no such groups"
             raise ConfigError(
                 f"projection(s) {missing} of kind {kind!r} do not exist in this model ({where}); "
@@ -210,13 +210,19 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
                 "one shared k/v head, so only q and o heads can be selected.)"
             )
     if cfg.layers is not None:
-        layers = {g.layer for g in report.groups}
+        layers = {g.layer for g in report.groups if g.layer is not None}
         bad = [layer for layer in cfg.layers if layer not in layers]
         if bad:
             raise ConfigError(f"S2FTConfig.layers names layers {bad} that the model does not have: {sorted(layers)}.")
     if not units:
+        pinned = [p for p in report.pinned if any(f.endswith("weight") for f, _ in p.members)]
+        detail = "".join(
+            f"\n  pinned {p.kind} space of {', '.join(f'{f}[{d}]' for f, d in p.members[:3])}: {'; '.join(p.reasons)}"
+            for p in pinned[:6]
+        )
         raise ConfigError(
             "S²FT found nothing to train: no attention-head or FFN-channel group with the requested projections."
+            + (f" These spaces are pinned (not permutable), so they cannot be selected:{detail}" if pinned else "")
         )
     for u in units:
         u.shapes = {m.fqn: tuple(_tensor(model, m.fqn).shape) for pairs in u.projections.values() for m, _ in pairs}
