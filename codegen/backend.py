@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib
 import inspect
@@ -361,16 +362,24 @@ def _role(kwargs: dict) -> str:
     return "inference" if kwargs.get("is_inference") else "forward"
 
 
-def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dumper | None) -> Callable:
-    from torch._inductor.compile_fx import compile_fx_inner
+def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dumper | None,
+                lower: Callable | None = None) -> Callable:
+    """Per-graph compiler: swap kernels, then lower with Inductor (``lower=None``) or ``lower(gm, inputs)``."""
+    if lower is None:
+        from torch._inductor.compile_fx import compile_fx_inner as lower_with_inductor
+    else:
+        lower_with_inductor = None
 
-    def inner(gm: torch.fx.GraphModule, example_inputs: Sequence[object], **kwargs: Any):
-        role = _role(kwargs)
+    def inner(gm: torch.fx.GraphModule, example_inputs: Sequence[object], role: str | None = None,
+              **kwargs: Any):
+        role = role or _role(kwargs)
         if family != "aten":
             try:
                 before = graph_text(gm) if dumper is not None else ""
                 swaps = swap_kernels(gm, family)
                 rec.swaps += [f"{role} {s}" for s in swaps]
+                if swaps:
+                    rec.graphs[f"{role}.{family}_kernels"] = graph_text(gm)
                 if swaps and dumper is not None:
                     dumper.graph(f"{role}_kernels", "before", _text_module(before), changed=True)
                     dumper.graph(f"{role}_kernels", f"{family}_kernels", gm, changed=True)
@@ -382,7 +391,10 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
                 _fallback(rec, opts, f"{role}: kernel swap failed", e)
         if role == "inference":
             rec.graphs.setdefault("inference", graph_text(gm))
-        out = compile_fx_inner(gm, example_inputs, **kwargs)
+        if lower_with_inductor is not None:
+            out = lower_with_inductor(gm, example_inputs, **kwargs)
+        else:
+            out = lower(gm, example_inputs)
         if dumper is not None:
             code = getattr(out, "source_code", None)
             if code:
@@ -410,10 +422,13 @@ def sparsify_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[object],
     """
     if kwargs:
         raise ConfigError(f"backend='sparsify': unexpected argument(s) {sorted(kwargs)}; use options={{...}}.")
-    opts = BackendOptions.from_options(options)
-    from torch._inductor.compile_fx import compile_fx
+    return _compile(gm, example_inputs, BackendOptions.from_options(options), mode=mode, lower=True)
 
-    rec = GraphRecord(next(_IDS))
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[object], opts: BackendOptions, *,
+             mode: str | None = None, lower: bool = True):
+    """``lower=False`` runs everything but Inductor (graphs execute as Python): what explain() uses."""
+    rec = GraphRecord(next(_IDS), inductor=lower)
     with _recorder_lock:
         recorders = list(_recorders)
     for r in recorders:
@@ -434,15 +449,34 @@ def sparsify_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[object],
         _fallback(rec, opts, "kernel selection failed", e)
         family = "aten"
     rec.kernels = family
+    requires_grad = [bool(getattr(t, "requires_grad", False)) for t in example_inputs]
+    partitioner = SparsifyPartitioner(opts, rec, infos, requires_grad, dumper, bool(dumper or recorders))
+
+    if not lower:
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._inductor.decomposition import select_decomp_table
+
+        def run_as_python(g: torch.fx.GraphModule, _inputs: Sequence[object]):
+            return make_boxed_func(g.forward)
+
+        inner = _make_inner(opts, rec, family, dumper, lower=run_as_python)
+        return aot_autograd(
+            fw_compiler=functools.partial(inner, role="forward"),
+            bw_compiler=functools.partial(inner, role="backward"),
+            inference_compiler=functools.partial(inner, role="inference"),
+            partition_fn=partitioner,
+            decompositions=select_decomp_table(),
+        )(gm, example_inputs)
+
+    from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = {}
     if mode is not None:
         from torch._inductor import list_mode_options
 
         patches.update(list_mode_options(mode))
-    requires_grad = [bool(getattr(t, "requires_grad", False)) for t in example_inputs]
-    patches["custom_partitioner_fn"] = SparsifyPartitioner(opts, rec, infos, requires_grad, dumper,
-                                                           bool(dumper or recorders))
+    patches["custom_partitioner_fn"] = partitioner
     compiled = compile_fx(gm, example_inputs, inner_compile=_make_inner(opts, rec, family, dumper),
                           config_patches=patches)
     if dumper is not None:

@@ -209,39 +209,41 @@ def eliminate_dead_weight_grads(g: PartitionedGraphs) -> PassResult:
     changed = True
     while changed:
         changed = False
-        for n in list(graph.nodes):
-            sl = _static_slice(n)
-            if sl is None:
+        for base in list(graph.nodes):
+            if not base.users or not isinstance(_val(base), torch.Tensor) or _val(base).dim() != 2:
                 continue
-            base, dim, start, end = sl
-            if len(base.users) != 1 or _val(base).dim() != 2:
+            slices = [_static_slice(u) for u in base.users]
+            if any(s is None or s[0] is not base for s in slices):
                 continue  # the full value is needed elsewhere: slicing earlier would not save the work
             inner = _perm_2d(base)
-            if inner is not None:
-                with graph.inserting_before(n):
-                    s = _call(graph, fake_mode, aten.slice.Tensor, (inner, 1 - dim, start, end))
-                    new = _call(graph, fake_mode, aten.permute.default, (s, [1, 0]))
-            elif base.op == "call_function" and base.target is aten.mm.default:
-                a, b = base.args
-                with graph.inserting_before(n):
-                    if dim == 0:
-                        s = _call(graph, fake_mode, aten.slice.Tensor, (a, 0, start, end))
-                        new = _call(graph, fake_mode, aten.mm.default, (s, b))
-                    else:
-                        s = _call(graph, fake_mode, aten.slice.Tensor, (b, 1, start, end))
-                        new = _call(graph, fake_mode, aten.mm.default, (a, s))
-                size = _val(base).shape[dim]
-                res.notes.append(
-                    f"{base.name}: only {end - start}/{size} {'rows' if dim == 0 else 'columns'} of the matmul "
-                    f"are read; computing just those"
-                )
-            else:
+            is_mm = base.op == "call_function" and base.target is aten.mm.default
+            if inner is None and not is_mm:
                 continue
-            n.replace_all_uses_with(new)
-            graph.erase_node(n)
-            if not base.users:
-                graph.erase_node(base)
-            pushed += 1
+            if is_mm:
+                dims = {s[1] for s in slices}
+                size = _val(base).shape[slices[0][1]]
+                kept = sum(e - s for s, e in {(s[2], s[3]) for s in slices})
+                if len(dims) != 1 or kept >= size:
+                    continue  # slices overlap or cover it all: one full matmul is cheaper
+                what = "rows" if slices[0][1] == 0 else "columns"
+                res.notes.append(f"{base.name}: only {kept}/{size} {what} of the matmul are read; computing just those")
+            for user, (_, dim, start, end) in zip(list(base.users), slices):
+                with graph.inserting_before(user):
+                    if inner is not None:
+                        s = _call(graph, fake_mode, aten.slice.Tensor, (inner, 1 - dim, start, end))
+                        new = _call(graph, fake_mode, aten.permute.default, (s, [1, 0]))
+                    else:
+                        a, b = base.args
+                        if dim == 0:
+                            s = _call(graph, fake_mode, aten.slice.Tensor, (a, 0, start, end))
+                            new = _call(graph, fake_mode, aten.mm.default, (s, b))
+                        else:
+                            s = _call(graph, fake_mode, aten.slice.Tensor, (b, 1, start, end))
+                            new = _call(graph, fake_mode, aten.mm.default, (a, s))
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+                pushed += 1
+            graph.erase_node(base)
             changed = True
             break
     if pushed:
