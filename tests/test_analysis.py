@@ -341,3 +341,54 @@ def test_property_example_count():
     if EXAMPLES["count"] == 0:
         pytest.skip("property test not run in this worker")
     assert EXAMPLES["count"] >= 200
+
+
+# ---------------------------------------------------------------------- more architectures, as a new user would try
+def _zoo():
+    import transformers as T
+
+    c = dict(vocab_size=128, num_hidden_layers=1, num_attention_heads=4, hidden_size=64, intermediate_size=128)
+    return {
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **c)),
+        # fused qkv_proj and gate_up_proj, partial rotary
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **c)),
+        "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=1, head_dim=16, **c)),
+        # fused query_key_value viewed as [B, T, H, 3*D]: q/k/v interleaved per head
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**c)),
+        "opt": lambda: T.OPTForCausalLM(
+            T.OPTConfig(
+                vocab_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                hidden_size=64,
+                ffn_dim=128,
+                word_embed_proj_dim=64,
+            )
+        ),
+        # conv patch embedding and a CLS token concatenated in front of the patches
+        "vit": lambda: T.ViTModel(
+            T.ViTConfig(
+                hidden_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=128,
+                image_size=16,
+                patch_size=8,
+            )
+        ),
+        "distilbert": lambda: T.DistilBertModel(
+            T.DistilBertConfig(vocab_size=128, n_layers=1, n_heads=4, dim=64, hidden_dim=128)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma", "gpt_neox", "opt", "vit", "distilbert"])
+def test_architecture_zoo(name):
+    torch.manual_seed(0)
+    model = _zoo()[name]().eval()
+    x = torch.randn(2, 3, 16, 16) if name == "vit" else IDS
+    rep = sparsify_fx.analyze(model, (x,))
+    kinds = {g.kind for g in rep.groups}
+    assert {"ffn_channels"} <= kinds and kinds & {"attention_heads", "kv_heads"}, rep.table()
+    assert not rep.unruled_ops, rep.unruled_ops
+    check_groups_are_symmetries(model, (x,), rep)

@@ -42,7 +42,15 @@ def rule_for(target: Any) -> Rule | None:
     if target in RULES:
         return RULES[target]
     packet = getattr(target, "overloadpacket", None)
-    return RULES.get(packet) if packet is not None else None
+    if packet is None:
+        return None
+    if packet in RULES:
+        return RULES[packet]
+    # an in-place variant (add_, mul_) moves spaces exactly as its functional form does
+    name = getattr(packet, "__name__", "")
+    if name.endswith("_") and not name.startswith("_") and hasattr(aten, name[:-1]):
+        return RULES.get(getattr(aten, name[:-1]))
+    return None
 
 
 def _packets(*names: str) -> list[Any]:

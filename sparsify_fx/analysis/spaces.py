@@ -314,6 +314,8 @@ class SpaceTable:
         total = self.size(d)
         if start == 0 and length == total:
             return d
+        if length == 0:
+            return self.fresh_dim(0)
         leaves = self.expand_dim(d)
         # the range must cut only the most major non-trivial leaf
         if not leaves or not all(isinstance(a.size, int) for a in leaves):
@@ -363,10 +365,13 @@ class SpaceTable:
         """The concatenation of dimensions: a new space refined as their sum."""
         parts: list[Atom] = []
         for d in dims:
+            size = self.size(d)
+            if size == 0:
+                continue  # an empty piece occupies no offsets
             leaves = self.expand_dim(d)
-            if len(leaves) == 0:
-                continue
-            if len(leaves) == 1:
+            if len(leaves) == 0:  # a size-1 piece still shifts every later offset by one
+                parts.append(self.fresh(1))
+            elif len(leaves) == 1:
                 parts.append(leaves[0])
             else:  # a product as one part: wrap it in an atom refined by that product
                 w = self.fresh(self.size(d))
