@@ -32,7 +32,8 @@ from sparsify_fx.passes.permute import _tensor, permute
 
 log = logging.getLogger("sparsify_fx")
 
-ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
+# "qkv": a fused weight whose q, k and v rows interleave inside each head; they train together
+ATTENTION_PROJECTIONS = ("q", "k", "v", "o", "qkv")
 FFN_PROJECTIONS = ("gate", "up", "down")
 Strategy = Literal["random", "magnitude", "gradient", "activation"]
 
@@ -155,20 +156,25 @@ def _projections_of(group: Group) -> dict[str, list[tuple[Member, Occurrence]]]:
                 if m.role == "in":
                     out.setdefault("o", []).append((m, occ))
                     continue
-                for p in ("q", "k", "v"):
-                    if p in occ.tags:
-                        out.setdefault(p, []).append((m, occ))
+                qkv = occ.tags & {"q", "k", "v"}
+                if len(qkv) == 1:
+                    out.setdefault(next(iter(qkv)), []).append((m, occ))
+                elif qkv:
+                    # q, k and v rows interleaved inside each head (GPT-NeoX): not separable
+                    out.setdefault("qkv", []).append((m, occ))
     elif group.kind == "ffn_channels":
-        producers = [m for m in weights if m.role == "out"]
-        gated = any("act" in m.tags for m in producers) and any("act" not in m.tags for m in producers)
+        # per occurrence, so a fused gate_up weight splits into its gate half and its up half
+        produced = [occ for m in weights if m.role == "out" for occ in m.occurrences]
+        gated = any("act" in o.tags for o in produced) and any("act" not in o.tags for o in produced)
         for m in weights:
-            if m.role == "in":
-                name = "down"
-            elif gated and "act" in m.tags:
-                name = "gate"
-            else:
-                name = "up"
-            out.setdefault(name, []).extend((m, occ) for occ in m.occurrences)
+            for occ in m.occurrences:
+                if m.role == "in":
+                    name = "down"
+                elif gated and "act" in occ.tags:
+                    name = "gate"
+                else:
+                    name = "up"
+                out.setdefault(name, []).append((m, occ))
     return out
 
 

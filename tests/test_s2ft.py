@@ -333,3 +333,21 @@ def test_bad_config_raises_and_leaves_model_unchanged(make, kwargs, match):
     assert flags == [p.requires_grad for p in model.parameters()]
     assert types == [type(m) for m in model.modules()]
     assert getattr(model, "_sparsify_s2ft", None) is None
+
+
+def test_fused_and_interleaved_projections():
+    import transformers as T
+
+    c = dict(vocab_size=128, num_hidden_layers=1, num_attention_heads=4, hidden_size=64, intermediate_size=128)
+    # Phi-3: one gate_up weight; its gate half and its up half are separate projections
+    phi = T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **c)).eval()
+    sparsify_fx.s2ft(phi, (IDS,), sparsify_fx.S2FTConfig(ffn=("up", "down"), ffn_ratio=0.25, attention=()))
+    (mod,) = [m for m in phi.modules() if isinstance(m, S2FTLinear) and m.weight.shape[0] == 256]
+    assert mod.starts == [128] and mod.lengths == [32], "only the up half (rows 128..255) trains"
+    # GPT-NeoX: q, k, v interleave inside each head; asking for v alone is refused, qkv trains them together
+    neox = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**c)).eval()
+    with pytest.raises(sparsify_fx.ConfigError, match=r"\['v'\].*qkv"):
+        sparsify_fx.s2ft(neox, (IDS,), sparsify_fx.S2FTConfig(attention=("v", "o")))
+    sparsify_fx.s2ft(neox, (IDS,), sparsify_fx.S2FTConfig(attention=("qkv", "o"), attention_ratio=0.5))
+    qkv = neox.gpt_neox.layers[0].attention.query_key_value
+    assert qkv.starts == [0] and qkv.lengths == [2 * 3 * 16]
