@@ -276,6 +276,9 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
             continue
         kind, group_size, inner_head = _classify(root, mems, roots, head_classes, state)
         if root.pins:
+            io = ("model input", "model output", "embedding rows")
+            if kind in ("ffn_channels", "channels", "conv_channels") and any(r.startswith(io) for r in root.pins):
+                kind = "io_features"  # vocabulary, input features, output classes: fixed by the user
             pinned.append(PinnedSpace(kind, int(root.size), [(m.fqn, m.dim) for m in mems], list(root.pins)))
             continue
         unit = min((o.inner for m in mems for o in m.occurrences), default=1)
