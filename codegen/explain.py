@@ -71,7 +71,12 @@ def explain(model: torch.nn.Module, example_inputs: Any, options: dict[str, Any]
     backend = functools.partial(_compile, opts=opts, lower=False)
     breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
     with recording() as records, torch.enable_grad():
-        torch.compile(work, backend=backend)(*args, **kwargs)
+        out = torch.compile(work, backend=backend)(*args, **kwargs)
+        # AOTAutograd compiles the backward at its first use: run it so its kernels are reported too
+        diff = [t for t in torch.utils._pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+        if diff:
+            torch.autograd.backward([t.float().sum() for t in diff])
     breaks = torch._dynamo.utils.counters["graph_break"] - breaks_before
     result = Explanation(graphs=list(records), graph_breaks=sorted(breaks))
     if verbose:

@@ -66,6 +66,9 @@ def _fresh_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[torch.Te
         if not isinstance(t, torch.Tensor):
             return t
         c = t.detach().clone()
+        for attr in ("_dynamo_dynamic_indices", "_dynamo_weak_dynamic_indices"):
+            if hasattr(t, attr):  # keep torch._dynamo.mark_dynamic marks, so copies compile like the original
+                setattr(c, attr, set(getattr(t, attr)))
         if t.requires_grad:
             c.requires_grad_(True)
             leaves.append(c)
