@@ -220,6 +220,7 @@ def check_pass(pass_fn: Callable, model_or_gm: Callable, inputs: Any, *, on: str
 
         def partition(joint: torch.fx.GraphModule, joint_inputs, **kwargs):
             kwargs.setdefault("compiler", "inductor")
+            joint.recompile()  # so before/after texts come from the same code generator
             joint_before = graph_text(joint)
             if on == "joint":
                 r = pass_fn(joint)
@@ -228,14 +229,14 @@ def check_pass(pass_fn: Callable, model_or_gm: Callable, inputs: Any, *, on: str
                 joint.graph.lint()
                 joint.recompile()
                 check.results.append(r)
+                check.before.append({"joint": joint_before})
+                check.after.append({"joint": graph_text(joint)})  # before the partitioner edits it
             fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
             n_ph = sum(1 for n in fw.graph.nodes if n.op == "placeholder")
             pair = rw.PartitionedGraphs(fw, bw, kwargs["num_fwd_outputs"],
                                         infos if len(infos) == n_ph else [InputInfo("input")] * n_ph,
                                         requires_grad if len(requires_grad) == n_ph else [])
             if on == "joint":
-                check.before.append({"joint": joint_before})
-                check.after.append({"joint": graph_text(joint)})
                 return fw, bw
             before = texts(fw, bw)
             if on == "pair":
