@@ -31,10 +31,13 @@ from torch.fx import GraphModule, Node
 from sparsify_fx.frontend.graph import InputInfo
 
 aten = torch.ops.aten
-_INT_MAX = 2**63 - 1
+
+# slice_saved_activations only fires when the slices keep at most this fraction of the activation
+MAX_KEPT_FRACTION = 0.5
 
 __all__ = [
     "DEFAULT_PASSES",
+    "MAX_KEPT_FRACTION",
     "PartitionedGraphs",
     "PassResult",
     "eliminate_dead_weight_grads",
@@ -315,8 +318,8 @@ def slice_saved_activations(g: PartitionedGraphs) -> PassResult:
         (dim,) = dims
         spans = sorted({(s[2], s[3]) for s in slices})
         kept = sum(e - s for s, e in spans)
-        if kept >= val.shape[dim]:
-            continue
+        if kept > MAX_KEPT_FRACTION * val.shape[dim]:
+            continue  # the copy would cost a kernel (and may split a fusion) to save little memory
         # forward: one contiguous copy per distinct slice, saved in place of the full activation
         outs = g.fw_outputs()
         pos = outs.index(saved, g.num_fwd_outputs)
