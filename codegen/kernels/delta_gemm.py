@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 
 import torch
-from sparsify_fx.codegen.lowering import register_lowering
 from torch import Tensor
 
+from sparsify_fx.codegen.lowering import register_lowering
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.ops import _backward as _s2ft_linear_backward
 from sparsify_fx.ops import _is_view_in_place, _setup_context, _validate_tensors

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from sparsify_fx.codegen.lowering import register_lowering
 from torch import Tensor
 
+from sparsify_fx.codegen.lowering import register_lowering
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.ops import _check_weight_grad_args, _weight_grad_slices  # also defines the sparsify ops
 

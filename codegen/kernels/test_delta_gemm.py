@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparsify_fx.codegen.kernels import delta_gemm as dg
-from sparsify_fx.codegen.lowering import lowering_for
 
 import sparsify_fx.ops  # noqa: F401
+from sparsify_fx.codegen.kernels import delta_gemm as dg
+from sparsify_fx.codegen.lowering import lowering_for
 from sparsify_fx.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not dg.HAS_TRITON, reason="triton not installed")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sparsify_fx.codegen.kernels import sliced_wgrad as sw
 from sparsify_fx.codegen.lowering import lowering_for
-
 from sparsify_fx.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not sw.HAS_TRITON, reason="triton not installed")
