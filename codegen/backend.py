@@ -140,6 +140,7 @@ class GraphRecord:
     saved_bytes_before: int | None = None
     saved_bytes_after: int | None = None
     inductor: bool = True
+    keep_text: bool = False  # fill ``graphs`` (dumps and explain only: printing large graphs is slow)
 
     def to_json(self) -> dict:
         return {
@@ -315,7 +316,7 @@ class SparsifyPartitioner(CustomPartitionerFn):
 
             def on_step(stage: str, result: _rw.PassResult | None) -> None:
                 changed = result is None or result.changed
-                if changed:
+                if changed and self.rec.keep_text:
                     self.rec.graphs[f"forward.{stage}"] = graph_text(pair.fw)
                     self.rec.graphs[f"backward.{stage}"] = graph_text(pair.bw)
                 if self.dumper is not None:
@@ -378,7 +379,7 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
                 before = graph_text(gm) if dumper is not None else ""
                 swaps = swap_kernels(gm, family)
                 rec.swaps += [f"{role} {s}" for s in swaps]
-                if swaps:
+                if swaps and rec.keep_text:
                     rec.graphs[f"{role}.{family}_kernels"] = graph_text(gm)
                 if swaps and dumper is not None:
                     dumper.graph(f"{role}_kernels", "before", _text_module(before), changed=True)
@@ -389,7 +390,7 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
                             dumper.write(f"kernels/{src[0]}", src[1])
             except Exception as e:  # noqa: BLE001
                 _fallback(rec, opts, f"{role}: kernel swap failed", e)
-        if role == "inference":
+        if role == "inference" and rec.keep_text:
             rec.graphs.setdefault("inference", graph_text(gm))
         if lower_with_inductor is not None:
             out = lower_with_inductor(gm, example_inputs, **kwargs)
@@ -434,7 +435,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[object], opts: B
     for r in recorders:
         r.append(rec)
     dumper = Dumper(opts.dump, rec.id) if opts.dump else None
-    rec.graphs["dynamo"] = graph_text(gm)
+    # printing big graphs costs seconds: only when someone will read them (dumps, explain)
+    rec.keep_text = dumper is not None or not lower
+    if rec.keep_text:
+        rec.graphs["dynamo"] = graph_text(gm)
     if dumper is not None:
         dumper.write("dynamo.txt", rec.graphs["dynamo"])
 
