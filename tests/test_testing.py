@@ -192,3 +192,45 @@ def test_check_kernel_without_gpu_or_interpreter_says_how_to_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
         check_kernel(scaled_add, lambda x, y: x + 0.5 * y, [((4,), (4,))])
+
+
+# ---------------------------------------------------------------------------------------------------- docs example
+
+
+def drop_mul_by_one(g: rw.PartitionedGraphs) -> rw.PassResult:
+    """The example pass of docs/testing_kit.md, kept here so the documented test keeps working."""
+    res = rw.PassResult("drop_mul_by_one", False)
+    for n in list(g.bw.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten.mul.Tensor and n.args[1] == 1:
+            x = n.args[0]
+            if x.meta["val"].shape != n.meta["val"].shape:
+                continue
+            n.replace_all_uses_with(x)
+            g.bw.graph.erase_node(n)
+            res.changed = True
+            res.notes.append(f"{n.name}: x * 1 removed")
+    return res
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return (self.lin(x) * 1).tanh()
+
+
+def test_docs_example_pass_fires_and_keeps_gradients():
+    check = check_pass(drop_mul_by_one, Scaled(), (torch.randn(4, 8),), expect_change=True)
+    before, after = check.before[0]["backward"], check.after[0]["backward"]
+    assert after.count("aten.mul.Tensor") == before.count("aten.mul.Tensor") - 1
+    assert check.results[0].changed
+
+
+def test_docs_example_pass_leaves_broadcasting_multiplies_alone():
+    class Broadcast(Scaled):
+        def forward(self, x):
+            return (self.lin(x) * torch.ones(3, 1, 1)).tanh()
+
+    check_pass(drop_mul_by_one, Broadcast(), (torch.randn(4, 8),))
