@@ -278,3 +278,33 @@ def test_explain_s2ft_llama_lists_triton_swaps_and_graph_breaks():
     assert any("(trainable)" in i for g in report.graphs for i in g.inputs)
     assert not report.fallbacks
     assert "kernel: forward" in str(report)
+
+
+def test_s2ft_llama_dynamic_batch_and_sequence_compile_once():
+    torch._dynamo.reset()
+    model = _s2ft_model("llama")
+    compiled = torch.compile(model, backend="sparsify")
+    with be.recording() as records:
+        for batch, seq in [(2, 8), (3, 12), (4, 16)]:
+            ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(batch))
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(ids, 1)
+            assert_equivalent(model, compiled, {"input_ids": ids, "labels": ids})
+    assert len(records) == 1 and not records[0].fallbacks
+    torch._dynamo.reset()
+
+
+def test_s2ft_llama_inference_with_triton_kernels_and_dump(tmp_path):
+    torch._dynamo.reset()
+    model = _s2ft_model("llama")
+    compiled = torch.compile(model, backend="sparsify", options={"kernels": "triton", "dump": str(tmp_path)})
+    with torch.no_grad(), be.recording() as records:
+        assert_equivalent(model, compiled, {"input_ids": IDS}, grads=False)
+    swaps = [s for r in records for s in r.swaps]
+    assert swaps and all(s.startswith("inference ") and "_triton" in s for s in swaps)
+    gdir = tmp_path / json.loads((tmp_path / "index.json").read_text())["graphs"][0]["dir"]
+    assert (gdir / "kernels" / "delta_gemm.py").read_text().count("@triton.jit") >= 1  # the Triton source used
+    assert "s2ft_linear_triton" in (gdir / "inference.inductor.py").read_text()
+    diff = (gdir / "inference_kernels.01_triton_kernels.diff").read_text()
+    assert "+" in diff and "s2ft_linear_triton" in diff
+    torch._dynamo.reset()
