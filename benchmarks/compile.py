@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--kernels", default="auto", choices=["auto", "aten", "triton"])
     p.add_argument("--no-rewrites", action="store_true", help="sparsify backend without its generic rewrites")
     p.add_argument("--order", nargs=2, default=["inductor", "sparsify"], choices=["inductor", "sparsify"],

@@ -44,6 +44,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from sparsify_fx.codegen import rewrites as _rw
 from sparsify_fx.codegen.dump import Dumper, graph_text
+from sparsify_fx.codegen.inline import inline_traceable_custom_ops
 from sparsify_fx.codegen.lowering import lowering_for
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.frontend.graph import InputInfo, TracedGraph
@@ -71,17 +72,20 @@ class BackendOptions:
     rewrites: ``True`` (all generic passes), ``False`` (none), a list of pass names to run, or
         ``{name: bool}`` to switch single passes off.
     fallback: on an internal failure, compile the graph with plain Inductor (logged) instead of raising.
+    inline_ops: with ATen kernels, replace ``sparsify::*`` op calls whose implementation traces to ATen by that
+        trace, so Inductor sees (and fuses) the math instead of an opaque extern call.
     """
 
     kernels: str = "auto"
     dump: str | None = None
     rewrites: tuple[str, ...] = tuple(REWRITES)
     fallback: bool = True
+    inline_ops: bool = True
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
-        valid = ("kernels", "dump", "rewrites", "fallback")
+        valid = ("kernels", "dump", "rewrites", "fallback", "inline_ops")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(
@@ -98,8 +102,11 @@ class BackendOptions:
         fallback = options.get("fallback", True)
         if not isinstance(fallback, bool):
             raise ConfigError(f"backend='sparsify': fallback must be True or False, got {fallback!r}.")
+        inline_ops = options.get("inline_ops", True)
+        if not isinstance(inline_ops, bool):
+            raise ConfigError(f"backend='sparsify': inline_ops must be True or False, got {inline_ops!r}.")
         return cls(kernels=kernels, dump=None if dump is None else os.fspath(dump), rewrites=rewrites,
-                   fallback=fallback)
+                   fallback=fallback, inline_ops=inline_ops)
 
 
 def _parse_rewrites(value: object) -> tuple[str, ...]:
@@ -135,6 +142,7 @@ class GraphRecord:
     inputs: list[str] = field(default_factory=list)  # "parameter fqn (trainable|frozen)" / "input i"
     passes: list[_rw.PassResult] = field(default_factory=list)
     swaps: list[str] = field(default_factory=list)
+    inlined: list[str] = field(default_factory=list)  # custom ops traced into ATen (kernels="aten"), or why not
     fallbacks: list[str] = field(default_factory=list)
     graphs: dict[str, str] = field(default_factory=dict)  # "dynamo", "forward.partitioned", ... -> text
     saved_bytes_before: int | None = None
@@ -149,6 +157,7 @@ class GraphRecord:
             "inputs": self.inputs,
             "passes": [{"name": p.name, "changed": p.changed, "notes": p.notes} for p in self.passes],
             "swaps": self.swaps,
+            "inlined": self.inlined,
             "fallbacks": self.fallbacks,
             "saved_bytes_before": self.saved_bytes_before,
             "saved_bytes_after": self.saved_bytes_after,
@@ -339,7 +348,7 @@ class SparsifyPartitioner(CustomPartitionerFn):
         h = hashlib.sha256()
         for path in (_rw.__file__, __file__):
             h.update(Path(path).read_bytes())
-        h.update(repr((self.opts.rewrites, self.rec.kernels)).encode())
+        h.update(repr((self.opts.rewrites, self.opts.inline_ops, self.rec.kernels)).encode())
         if self.fresh:
             h.update(f"{os.getpid()}-{self.rec.id}-{id(self)}".encode())
         return h.hexdigest()
@@ -390,6 +399,16 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
                             dumper.write(f"kernels/{src[0]}", src[1])
             except Exception as e:  # noqa: BLE001
                 _fallback(rec, opts, f"{role}: kernel swap failed", e)
+        if family == "aten" and opts.inline_ops:
+            try:
+                before = graph_text(gm) if dumper is not None else ""
+                notes = inline_traceable_custom_ops(gm)
+                rec.inlined += [f"{role} {n}" for n in notes]
+                if dumper is not None and any(" inlined " in n for n in notes):
+                    dumper.graph(f"{role}_kernels", "before", _text_module(before), changed=True)
+                    dumper.graph(f"{role}_kernels", "inlined_ops", gm, changed=True)
+            except Exception as e:  # noqa: BLE001
+                _fallback(rec, opts, f"{role}: inlining custom ops failed", e)
         if role == "inference" and rec.keep_text:
             rec.graphs.setdefault("inference", graph_text(gm))
         if lower_with_inductor is not None:

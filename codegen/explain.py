@@ -50,6 +50,8 @@ class Explanation:
                 lines.append("  no backward graph (inference or nothing trainable): rewrites do not apply")
             for s in g.swaps:
                 lines.append(f"  kernel: {s}")
+            for s in g.inlined:
+                lines.append(f"  inline: {s}")
             for f in g.fallbacks:
                 lines.append(f"  FALLBACK: {f}")
         return "\n".join(lines)
