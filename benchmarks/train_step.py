@@ -225,42 +225,91 @@ def measure_memory(c: Competitor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ switching
+def _median_interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
+    """Time each function ``reps`` times, alternating between them so machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(max(2, reps // 10)):
+            fn()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(reps):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                ts[k].append(time.perf_counter() - t)
+    finally:
+        gc.enable()
+    return ts
+
+
+@torch.no_grad()
 def bench_switch(s2: Competitor, lora: Competitor, w: Workload, reps: int) -> dict:
+    """S²FT apply+remove on a plain base vs LoRA merge+unmerge, plus where S²FT's time goes."""
     adapter = sparsify_fx.export_adapter(s2.model)
     base = build_base(w)
     before = {k: v.detach().clone() for k, v in base.state_dict().items() if k in adapter.entries}
-
-    def s2ft_switch() -> None:
-        sparsify_fx.apply_adapter(base, adapter)
-        sparsify_fx.remove_adapter(base, adapter)
-
     peft_model = lora.model
     lora_weights = {n: m.base_layer.weight for n, m in peft_model.named_modules() if hasattr(m, "base_layer")
                     and isinstance(getattr(m.base_layer, "weight", None), torch.Tensor)}
     lora_before = {n: p.detach().clone() for n, p in lora_weights.items()}
 
+    def s2ft_switch() -> None:
+        sparsify_fx.apply_adapter(base, adapter)
+        sparsify_fx.remove_adapter(base, adapter)
+
     def lora_switch() -> None:
         peft_model.merge_adapter()
         peft_model.unmerge_adapter()
 
-    out = {}
-    with torch.no_grad():
-        for name, fn in (("s2ft", s2ft_switch), ("lora", lora_switch)):
-            for _ in range(max(2, reps // 10)):
-                fn()
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t)
-            out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps}
+    fns: dict[str, Callable[[], None]] = {"s2ft": s2ft_switch, "lora": lora_switch}
+    try:  # breakdown of S²FT's switch: the base-fingerprint check that apply_adapter runs before writing
+        from sparsify_fx.passes.adapter import _fingerprint
+
+        params = dict(base.named_parameters())
+        fns["s2ft_fingerprint_check"] = lambda: _fingerprint(
+            {f: (e.dim, e.index, params[f]) for f, e in adapter.entries.items()})
+    except (ImportError, KeyError):
+        pass
+    ts = _median_interleaved(fns, reps)
+    out: dict = {k: {"median_s": statistics.median(v), "min_s": min(v), "reps": reps} for k, v in ts.items()}
+    threads = torch.get_num_threads()
+    if threads > 1:
+        # These are small memory-bound ops: on a shared machine a second OpenMP thread can cost more than it gives
+        # (each parallel region waits for both threads), so the single-thread numbers are recorded beside.
+        torch.set_num_threads(1)
+        try:
+            ts1 = _median_interleaved({"s2ft": s2ft_switch, "lora": lora_switch}, reps)
+        finally:
+            torch.set_num_threads(threads)
+        out["one_thread"] = {k: statistics.median(v) for k, v in ts1.items()}
+        out["one_thread"]["speedup"] = out["one_thread"]["lora"] / out["one_thread"]["s2ft"]
     out["s2ft"]["restored_bit_identical"] = all(torch.equal(before[k], base.state_dict()[k]) for k in before)
     out["s2ft"]["touched_values"] = adapter.num_parameters
+    out["s2ft"]["entries"] = len(adapter.entries)
     out["lora"]["max_abs_drift_after_unmerge"] = max(
         (lora_weights[n] - lora_before[n]).abs().max().item() for n in lora_weights)
     out["lora"]["touched_values"] = sum(p.numel() for p in lora_weights.values())
     out["speedup"] = out["lora"]["median_s"] / out["s2ft"]["median_s"]
     return out
+
+
+def print_switch(sw: dict) -> None:
+    s, lo = sw["s2ft"], sw["lora"]
+    print(f"  s2ft apply_adapter+remove_adapter   {fmt_ms(s['median_s'])} ms  ({s['touched_values']:,d} values in "
+          f"{s['entries']} weights; base restored bit-identically: {s['restored_bit_identical']})")
+    if "s2ft_fingerprint_check" in sw:
+        fp = sw["s2ft_fingerprint_check"]["median_s"]
+        print(f"     of which the base-fingerprint check {fmt_ms(fp)} ms ({100 * fp / s['median_s']:.0f} %)")
+    print(f"  LoRA merge_adapter+unmerge_adapter  {fmt_ms(lo['median_s'])} ms  ({lo['touched_values']:,d} values "
+          f"touched; max drift after unmerge {lo['max_abs_drift_after_unmerge']:.1e})")
+    print(f"  speedup {sw['speedup']:.1f}x", end="")
+    if "one_thread" in sw:
+        one = sw["one_thread"]
+        print(f"   (1 thread: s2ft {1e3 * one['s2ft']:.1f} ms, LoRA {1e3 * one['lora']:.1f} ms, "
+              f"speedup {one['speedup']:.1f}x)", end="")
+    print()
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -275,23 +324,24 @@ def verdict(ok: bool) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few steps: a smoke run")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 7; quick 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 11; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per method (default 2; quick 1)")
-    ap.add_argument("--reps", type=int, default=None, help="adapter switch repetitions (default 50; quick 10)")
+    ap.add_argument("--reps", type=int, default=None, help="adapter switch repetitions (default 100; quick 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile S²FT and the bound even if S²FT passes")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/train_step.json; "
                     "--quick writes none unless given)")
     args = ap.parse_args()
-    steps = args.steps or (3 if args.quick else 7)
+    steps = args.steps or (3 if args.quick else 11)
     warmup = args.warmup or (1 if args.quick else 2)
-    reps = args.reps or (10 if args.quick else 50)
+    reps = args.reps or (10 if args.quick else 100)
     torch.set_num_threads(args.threads)
     loads = {"A": QUICK["A"] if args.quick else FULL["A"], "B": QUICK["B"] if args.quick else FULL["B"]}
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     self_check()
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"load average at start {os.getloadavg()[0]:.1f}; memory meter self-check passed")
+          f"load average at start {load_start:.1f}; memory meter self-check passed")
 
     # ---- A: speed
     wa = loads["A"]
@@ -315,13 +365,7 @@ def main() -> int:
     # ---- switching on A's model (the trained S²FT and LoRA models from the timing run)
     print(f"\nAdapter switch on A's model, median of {reps}: apply+remove (S²FT) vs merge+unmerge (LoRA)")
     switch = bench_switch(by["s2ft"], by["lora"], wa, reps)
-    print(f"  s2ft apply_adapter+remove_adapter   {fmt_ms(switch['s2ft']['median_s'])} ms  "
-          f"({switch['s2ft']['touched_values']:,d} values touched, base restored bit-identically: "
-          f"{switch['s2ft']['restored_bit_identical']})")
-    print(f"  LoRA merge_adapter+unmerge_adapter  {fmt_ms(switch['lora']['median_s'])} ms  "
-          f"({switch['lora']['touched_values']:,d} values touched, max drift after unmerge "
-          f"{switch['lora']['max_abs_drift_after_unmerge']:.1e})")
-    print(f"  speedup {switch['speedup']:.1f}x")
+    print_switch(switch)
 
     profiles = {}
     if args.profile or speed["s2ft_over_bound"] > 1.05 or speed["s2ft_over_lora"] > 1.0:
@@ -336,8 +380,11 @@ def main() -> int:
     ids = batch(wb)
     print(f"\nB (memory): {wb.describe()}, AdamW; tensor memory above the weights (one step after a warm-up step)")
     mem: dict[str, dict] = {}
+    keep: dict[str, Competitor] = {}
     for c in make_all(wb, ids, ("s2ft", "lora", "full", "bound")):
         mem[c.name] = measure_memory(c)
+        if c.name in ("s2ft", "lora"):
+            keep[c.name] = c  # for the switch on B; the meter counts only storages a step creates
         del c
         gc.collect()
     print(f"  {'method':7s} {'trainable':>11s} {'step peak':>10s} {'opt state':>10s} {'total MiB':>10s} "
@@ -348,6 +395,14 @@ def main() -> int:
               f"{m['optimizer_state_bytes'] / MIB:10.1f} {m['total_above_weights_bytes'] / MIB:10.1f} "
               f"{m['total_above_weights_bytes'] / mem['full']['total_above_weights_bytes']:6.3f}  {m['note']}")
     total = {k: v["total_above_weights_bytes"] for k, v in mem.items()}
+
+    # switching cost grows with what a method touches: LoRA whole weights, S²FT its rows/columns (info, no target)
+    reps_b = max(5, reps // 3)
+    print(f"\nAdapter switch on B's model (for scale; no target), median of {reps_b}")
+    switch_b = bench_switch(keep["s2ft"], keep["lora"], wb, reps_b)
+    print_switch(switch_b)
+    del keep
+    gc.collect()
     memory = {"s2ft_over_full": total["s2ft"] / total["full"], "s2ft_over_lora": total["s2ft"] / total["lora"]}
 
     targets = {
@@ -362,19 +417,20 @@ def main() -> int:
     print("\nSummary (ratios of medians)")
     for (what, ok), v in zip(targets.items(), values):
         print(f"  {verdict(ok)}  {what:40s} {v:7.3f}")
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average at the end {os.getloadavg()[0]:.1f} "
+          f"(other processes on this machine slow every method alike; steps are interleaved)")
 
     path = args.json or (None if args.quick else str(Path(__file__).resolve().parent / "results" / "train_step.json"))
     if path:
         result = {
             "quick": args.quick, "torch": torch.__version__, "threads": args.threads,
-            "machine": platform.machine(), "load_average_start": os.getloadavg()[0],
+            "machine": platform.machine(), "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
             "workloads": {k: asdict(v) for k, v in loads.items()}, "lr": LR, "trainable_fraction": TRAINABLE_FRACTION,
             "speed_A": {"median_s": med, "steps_s": times, "warmup": warmup, "methods": methods,
                         "lora_count_mismatch": lora_mismatch},
-            "memory_B": mem, "switch_A": switch, "ratios": {**{f"speed_{k}": v for k, v in speed.items()},
-                                                            **{f"memory_{k}": v for k, v in memory.items()},
-                                                            "switch_speedup": switch["speedup"]},
+            "memory_B": mem, "switch_A": switch, "switch_B": switch_b,
+            "ratios": {**{f"speed_{k}": v for k, v in speed.items()}, **{f"memory_{k}": v for k, v in memory.items()},
+                       "switch_speedup": switch["speedup"]},
             "targets": {k: verdict(v) for k, v in targets.items()}, "profiles": profiles,
             "wall_s": time.perf_counter() - t0,
         }
