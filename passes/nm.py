@@ -1,0 +1,545 @@
+"""N:M and block sparsity: fixed masks on linear layers, kept through training, exported compactly.
+
+``sparsify(model, NMConfig(n=2, m=4))`` scores each selected ``nn.Linear`` weight (magnitude, or Wanda's
+``|W| * ||X_col||_2`` from calibration inputs), picks a mask matching the pattern exactly, zeroes the pruned weights
+and swaps the layer for a :class:`MaskedLinear` that calls one ``sparsify::nm_linear`` /
+``sparsify::block_sparse_linear`` op (one graph node under torch.compile; the ``"triton"`` kernel family lowers it
+to the sparse kernels in :mod:`sparsify_fx.codegen.kernels`). The weight stays the same ``Parameter`` object, so an
+optimizer created before keeps working. transformers' ``Conv1D`` (GPT-2) is not handled: its layers are skipped.
+
+Patterns: N:M groups run along the input dim (each output row keeps ``n`` of every ``m`` consecutive input
+columns); block sparsity keeps the top-scoring ``block`` tiles (score: mean ``|score|`` over the tile) until the
+kept count is ``round(density * n_tiles)`` (at least one).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
+
+__all__ = [
+    "BlockConfig",
+    "MaskedLinear",
+    "NMConfig",
+    "block_mask",
+    "compress_nm",
+    "decompress_nm",
+    "export_sparse",
+    "load_sparse",
+    "nm_mask",
+    "pgf_scale",
+    "sparsify",
+    "to_bsr",
+]
+
+FORMAT = "sparsify_fx.sparse"
+VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Common:
+    """Fields shared by both patterns.
+
+    * ``include``: FQN globs of the layers to sparsify (``None``: every ``nn.Linear``); ``skip``: globs to leave
+      dense (e.g. ``["lm_head"]``).
+    * ``score``: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W| * ||X_col||_2``; needs ``calibration``, an
+      iterable of example inputs: tensors, tuples of positional args, or dicts of keyword args).
+    * ``padding``: ``"none"`` (shapes must divide) or ``"zero"`` (pad the weight with zeros to whole groups/tiles;
+      pads are never kept when a real weight can be).
+    * ``pgf_decay_steps`` / ``pgf_start``: Progressive Gradient Flow. At training step ``t`` (the count of
+      training-mode forward calls with grad enabled, per layer) the gradient of a pruned weight is
+      ``s(t) * dW_dense`` with ``s(t) = pgf_start * max(0, 1 - t / pgf_decay_steps)``; kept weights get ``dW_dense``.
+      ``pgf_decay_steps=0`` (default) disables it: pruned weights get exactly zero gradient. The mask never
+      changes, and the forward always uses ``W ∘ M``, so regrown values have no effect until exported/merged.
+    """
+
+    include: Sequence[str] | None = None
+    skip: Sequence[str] = ()
+    score: Literal["magnitude", "wanda"] = "magnitude"
+    calibration: Iterable[Any] | None = field(default=None, repr=False)
+    padding: Literal["none", "zero"] = "none"
+    pgf_decay_steps: int = 0
+    pgf_start: float = 1.0
+    progress: bool = True
+
+
+@dataclass
+class NMConfig(_Common):
+    """Keep ``n`` of every ``m`` consecutive input weights per output row (2:4 by default)."""
+
+    n: int = 2
+    m: int = 4
+
+
+@dataclass
+class BlockConfig(_Common):
+    """Keep whole ``block = (rows, cols)`` weight tiles, ``density`` of them (in ``(0, 1]``)."""
+
+    block: tuple[int, int] = (16, 16)
+    density: float = 0.5
+
+
+def pgf_scale(step: int, decay_steps: int, start: float = 1.0) -> float:
+    """Progressive Gradient Flow factor ``start * max(0, 1 - step / decay_steps)`` (0 when disabled)."""
+    if decay_steps <= 0:
+        return 0.0
+    return float(start) * max(0.0, 1.0 - step / decay_steps)
+
+
+def _check_config(cfg: NMConfig | BlockConfig) -> None:
+    if cfg.score not in ("magnitude", "wanda"):
+        raise ConfigError(f"sparsify: score must be 'magnitude' or 'wanda', got {cfg.score!r}.")
+    if cfg.score == "wanda" and cfg.calibration is None:
+        raise ConfigError("sparsify: score='wanda' needs calibration=[example inputs]; or use score='magnitude'.")
+    if cfg.padding not in ("none", "zero"):
+        raise ConfigError(f"sparsify: padding must be 'none' or 'zero', got {cfg.padding!r}.")
+    if cfg.pgf_decay_steps < 0 or not 0.0 <= cfg.pgf_start <= 1.0:
+        raise ConfigError(
+            f"sparsify: need pgf_decay_steps >= 0 and 0 <= pgf_start <= 1, got {cfg.pgf_decay_steps}, "
+            f"{cfg.pgf_start}."
+        )
+    if isinstance(cfg, NMConfig):
+        if not (isinstance(cfg.n, int) and isinstance(cfg.m, int)) or cfg.n <= 0 or cfg.n > cfg.m:
+            raise ConfigError(f"sparsify: N:M needs integers 0 < n <= m, got n={cfg.n}, m={cfg.m}.")
+    else:
+        if len(cfg.block) != 2 or any(not isinstance(b, int) or b <= 0 for b in cfg.block):
+            raise ConfigError(f"sparsify: block must be two positive ints (rows, cols), got {cfg.block!r}.")
+        if not 0.0 < cfg.density <= 1.0:
+            raise ConfigError(f"sparsify: density must lie in (0, 1], got {cfg.density}.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def nm_mask(score: Tensor, n: int, m: int, padding: str = "none") -> Tensor:
+    """Bool mask keeping the ``n`` largest scores of every ``m`` consecutive columns of each row."""
+    out, in_ = score.shape
+    if in_ % m:
+        if padding != "zero":
+            raise ConfigError(
+                f"sparsify: in_features={in_} is not a multiple of m={m}; pick m dividing it, skip the layer, "
+                "or pass padding='zero'."
+            )
+        # pads score -inf: kept only when a short group has fewer than n real columns
+        score = torch.cat([score, score.new_full((out, m - in_ % m), -math.inf)], dim=1)
+    groups = score.float().reshape(out, -1, m)
+    top = groups.topk(n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return mask.reshape(out, -1)[:, :in_].contiguous()
+
+
+def _tile_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, int]:
+    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
+
+
+def block_mask(score: Tensor, block: Sequence[int], density: float, padding: str = "none") -> Tensor:
+    """Bool mask of whole tiles: the ``round(density * tiles)`` tiles of highest mean ``|score|``."""
+    out, in_ = score.shape
+    br, bc = block
+    if out % br or in_ % bc:
+        if padding != "zero":
+            raise ConfigError(
+                f"sparsify: block {tuple(block)} does not tile weight ({out}, {in_}); pick a block dividing both "
+                "dims, skip the layer, or pass padding='zero'."
+            )
+    gr, gc = _tile_grid((out, in_), block)
+    padded = score.new_zeros((gr * br, gc * bc), dtype=torch.float32)
+    padded[:out, :in_] = score.float().abs()
+    counts = torch.zeros_like(padded)
+    counts[:out, :in_] = 1.0
+    tile_sum = padded.reshape(gr, br, gc, bc).sum((1, 3))
+    tile_score = tile_sum / counts.reshape(gr, br, gc, bc).sum((1, 3))
+    k = max(1, min(gr * gc, round(density * gr * gc)))
+    keep = torch.zeros(gr * gc, dtype=torch.bool)
+    # stable order so ties (e.g. all-zero tiles) resolve the same way every time
+    keep[torch.sort(tile_score.flatten(), descending=True, stable=True).indices[:k]] = True
+    full = keep.reshape(gr, gc).repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return full[:out, :in_].contiguous().to(score.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the module
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MaskedLinear(nn.Linear):
+    """``nn.Linear`` with a fixed bool ``mask`` buffer: ``y = x @ (W ∘ M).T + b`` through one custom op.
+
+    ``pattern`` is ``("nm", n, m)`` or ``("block", rows, cols)``. The weight and bias are the original
+    ``Parameter`` objects.
+    """
+
+    def __init__(self, linear: nn.Linear, mask: Tensor, pattern: tuple[str, int, int], *, pgf_decay_steps: int = 0,
+                 pgf_start: float = 1.0) -> None:
+        nn.Module.__init__(self)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("mask", mask.to(device=linear.weight.device, dtype=torch.bool))
+        self.pattern = tuple(pattern)
+        self.pgf_decay_steps = int(pgf_decay_steps)
+        self.pgf_start = float(pgf_start)
+        self.pgf_step = 0
+
+    @property
+    def pruned_grad_scale(self) -> float:
+        return pgf_scale(self.pgf_step, self.pgf_decay_steps, self.pgf_start)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = 0.0
+        if self.training and self.pgf_decay_steps and torch.is_grad_enabled():
+            scale = self.pruned_grad_scale
+            self.pgf_step += 1
+        kind, a, b = self.pattern
+        if kind == "nm":
+            return torch.ops.sparsify.nm_linear(x, self.weight, self.mask, self.bias, a, b, scale)
+        return torch.ops.sparsify.block_sparse_linear(x, self.weight, self.mask, self.bias, a, b, scale)
+
+    def masked_weight(self) -> Tensor:
+        return self.weight * self.mask.to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        kind, a, b = self.pattern
+        pat = f"{a}:{b}" if kind == "nm" else f"block=({a}, {b})"
+        density = self.mask.float().mean().item()
+        return f"{super().extra_repr()}, {pat}, density={density:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sparsify
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _selected(model: nn.Module, cfg: NMConfig | BlockConfig) -> dict[str, nn.Linear]:
+    def match(name: str, globs: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, f"*.{g}") for g in globs)
+
+    picked = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or isinstance(mod, MaskedLinear):
+            continue
+        if cfg.include is not None and not match(name, cfg.include):
+            continue
+        if match(name, cfg.skip):
+            continue
+        picked[name] = mod
+    return picked
+
+
+def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Linear], calibration: Iterable[Any],
+                 progress: bool) -> dict[str, Tensor]:
+    """Per-input-column L2 norm of each layer's input over the calibration set (hooks removed afterwards)."""
+    from tqdm.auto import tqdm
+
+    sq = {name: torch.zeros(mod.in_features, dtype=torch.float64, device=mod.weight.device)
+          for name, mod in layers.items()}
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach()
+            sq[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc="sparsify: calibration", disable=not progress):
+                if isinstance(batch, Mapping):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ConfigError("sparsify: the calibration iterable was empty; pass at least one example input.")
+    return {name: s.sqrt().float() for name, s in sq.items()}
+
+
+def _shared_params(model: nn.Module, layers: Mapping[str, nn.Linear]) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    for name, mod in layers.items():
+        users = owners.get(id(mod.weight), [])
+        if len(users) > 1:
+            raise ConfigError(
+                f"sparsify: {name}.weight is shared with {[u for u in users if u != name + '.weight']} (tied "
+                f"weights); pruning it would also prune those. Add {name!r} to skip=[...] or untie the weights."
+            )
+
+
+def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
+    """Prune the selected linear layers of ``model`` to ``config``'s pattern, in place; returns ``model``.
+
+    All masks are computed (and every shape checked) before anything changes, so a :class:`ConfigError` leaves
+    the model exactly as it was.
+    """
+    if not isinstance(config, (NMConfig, BlockConfig)):
+        raise ConfigError(f"sparsify: config must be NMConfig or BlockConfig, got {type(config).__name__}.")
+    _check_config(config)
+    layers = _selected(model, config)
+    if not layers:
+        raise ConfigError(
+            "sparsify: no nn.Linear layer matches include/skip; check the globs against model.named_modules()."
+        )
+    _shared_params(model, layers)
+    for name, mod in layers.items():  # shapes first: cheap, and before a long calibration pass
+        try:
+            _mask_for(torch.ones(1, 1).expand(mod.out_features, mod.in_features), config)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (layer {name!r})") from None
+    norms = _wanda_norms(model, layers, config.calibration, config.progress) if config.score == "wanda" else {}
+    masks = {}
+    with torch.no_grad():
+        for name, mod in layers.items():
+            score = mod.weight.detach().abs().float()
+            if name in norms:
+                score = score * norms[name][None, :]
+            masks[name] = _mask_for(score, config)
+    pattern = (("nm", config.n, config.m) if isinstance(config, NMConfig)
+               else ("block", config.block[0], config.block[1]))
+    for name, mod in layers.items():
+        with torch.no_grad():
+            mod.weight.mul_(masks[name].to(mod.weight.dtype))
+        new = MaskedLinear(mod, masks[name], pattern, pgf_decay_steps=config.pgf_decay_steps,
+                           pgf_start=config.pgf_start)
+        new.train(mod.training)
+        _set_submodule(model, name, new)
+    return model
+
+
+def _mask_for(score: Tensor, cfg: NMConfig | BlockConfig) -> Tensor:
+    if isinstance(cfg, NMConfig):
+        return nm_mask(score, cfg.n, cfg.m, cfg.padding)
+    return block_mask(score, cfg.block, cfg.density, cfg.padding)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# compact formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+def compress_nm(weight: Tensor, mask: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """N:M compact form: ``values [out, G*n]`` and ``positions [out, G*n]`` (uint8, ``0..m-1`` within each group;
+    ``G = ceil(in / m)``), groups in order, kept positions ascending. Short last groups are padded with zeros.
+
+    Requires exactly ``n`` kept per full group (``<= n`` allowed where the short last group or pads make up the
+    rest), as :func:`nm_mask` produces.
+    """
+    out, in_ = weight.shape
+    g = math.ceil(in_ / m)
+    pad = g * m - in_
+    w = torch.cat([weight * mask.to(weight.dtype), weight.new_zeros(out, pad)], 1) if pad else weight * mask
+    real = torch.cat([mask.bool(), mask.new_zeros(out, pad, dtype=torch.bool)], 1) if pad else mask.bool()
+    real = real.reshape(out, g, m)
+    order = torch.arange(m, device=mask.device).expand(out, g, m)
+    is_pad = order >= (in_ - torch.arange(g, device=mask.device) * m)[None, :, None]
+    kept = real.sum(-1)
+    if bool((kept > n).any()) or bool((kept + is_pad.sum(-1) < n).any()):
+        raise ConfigError(f"compress_nm: the mask is not {n}:{m} (a group keeps more or fewer than n={n}).")
+    # the kept positions first, then pad slots to fill a short last group (their values are zero)
+    key = torch.where(real, order, torch.where(is_pad, order + m, order + 2 * m))
+    pos = key.sort(-1).values[..., :n] % m
+    values = w.reshape(out, g, m).gather(-1, pos).reshape(out, g * n)
+    return values.contiguous(), pos.reshape(out, g * n).to(torch.uint8).contiguous()
+
+
+def decompress_nm(values: Tensor, positions: Tensor, n: int, m: int, in_features: int) -> tuple[Tensor, Tensor]:
+    """Dense ``(weight, mask)`` from :func:`compress_nm`'s output."""
+    out = values.shape[0]
+    g = math.ceil(in_features / m)
+    pos = positions.long().reshape(out, g, n)
+    w = values.new_zeros(out, g, m).scatter_(-1, pos, values.reshape(out, g, n))
+    mk = torch.zeros(out, g, m, dtype=torch.bool, device=values.device).scatter_(-1, pos, True)
+    return w.reshape(out, g * m)[:, :in_features].contiguous(), mk.reshape(out, g * m)[:, :in_features].contiguous()
+
+
+def _pack4(pos: Tensor) -> Tensor:
+    """Two 4-bit positions per byte (low nibble first); pads an odd count with 0."""
+    flat = pos.reshape(pos.shape[0], -1).to(torch.uint8)
+    if flat.shape[1] % 2:
+        flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], 1)
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
+
+
+def _unpack4(packed: Tensor, count: int) -> Tensor:
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], -1).reshape(packed.shape[0], -1)[:, :count].contiguous()
+
+
+def to_bsr(weight: Tensor, mask: Tensor, block: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """BSR form of a block mask: ``values [nnz_blocks, br, bc]`` (edge tiles zero-padded), ``crow [rows+1]``
+    and ``col [nnz_blocks]`` (int32), tiles in row-major order. A tile counts as kept if any of its mask bits is set.
+    """
+    out, in_ = weight.shape
+    br, bc = block
+    gr, gc = _tile_grid((out, in_), block)
+    w = weight.new_zeros(gr * br, gc * bc)
+    w[:out, :in_] = weight * mask.to(weight.dtype)
+    mk = torch.zeros(gr * br, gc * bc, dtype=torch.bool, device=mask.device)
+    mk[:out, :in_] = mask.bool()
+    tiles = w.reshape(gr, br, gc, bc).permute(0, 2, 1, 3)
+    kept = mk.reshape(gr, br, gc, bc).any(3).any(1)
+    rows, cols = kept.nonzero(as_tuple=True)
+    values = tiles[rows, cols].contiguous()
+    crow = torch.zeros(gr + 1, dtype=torch.int32, device=weight.device)
+    crow[1:] = kept.sum(1).cumsum(0).to(torch.int32)
+    return values, crow, cols.to(torch.int32).contiguous()
+
+
+def from_bsr(values: Tensor, crow: Tensor, col: Tensor, block: Sequence[int],
+             shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Dense ``(weight, mask)`` from :func:`to_bsr`'s output."""
+    br, bc = block
+    gr, gc = _tile_grid(shape, block)
+    rows = torch.repeat_interleave(torch.arange(gr, device=values.device), (crow[1:] - crow[:-1]).long())
+    tiles = values.new_zeros(gr, gc, br, bc)
+    tiles[rows, col.long()] = values
+    kept = torch.zeros(gr, gc, dtype=torch.bool, device=values.device)
+    kept[rows, col.long()] = True
+    w = tiles.permute(0, 2, 1, 3).reshape(gr * br, gc * bc)[: shape[0], : shape[1]].contiguous()
+    mk = kept.repeat_interleave(br, 0).repeat_interleave(bc, 1)[: shape[0], : shape[1]].contiguous()
+    return w, mk
+
+
+def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write every :class:`MaskedLinear`'s weight compactly to a safetensors file (atomic; JSON header, no pickle).
+
+    N:M layers: ``values [out, ceil(in/m)*n]`` plus positions within each group (two 4-bit codes per byte when
+    ``m <= 16``, else uint8). Block layers: BSR (tile values, int32 row pointers and column indices). Biases are
+    stored dense. :func:`load_sparse` restores them.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    layers = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, MaskedLinear):
+            continue
+        kind, a, b = mod.pattern
+        w = mod.weight.detach()
+        entry: dict[str, Any] = {"fqn": name, "kind": kind, "shape": list(w.shape), "dtype": str(w.dtype)}
+        key = f"{len(layers)}"
+        if kind == "nm":
+            values, pos = compress_nm(w, mod.mask, a, b)
+            entry.update(n=a, m=b, packed=b <= 16)
+            tensors[f"{key}.values"] = values
+            tensors[f"{key}.positions"] = _pack4(pos) if b <= 16 else pos
+        else:
+            values, crow, col = to_bsr(w, mod.mask, (a, b))
+            entry.update(block=[a, b])
+            tensors[f"{key}.values"] = values
+            tensors[f"{key}.crow"] = crow
+            tensors[f"{key}.col"] = col
+        if mod.bias is not None:
+            tensors[f"{key}.bias"] = mod.bias.detach()
+        layers.append(entry)
+    if not layers:
+        raise ConfigError("export_sparse: the model has no MaskedLinear layer; call sparsify(model, config) first.")
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layers)}
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".sparse-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Restore the layers written by :func:`export_sparse` into ``model`` (same architecture), in place.
+
+    Plain ``nn.Linear`` layers become :class:`MaskedLinear`; existing ones get their weight and mask overwritten.
+    Pruned weights come back as exact zeros. Everything is checked before the model is touched.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+    except Exception as exc:
+        raise ConfigError(f"load_sparse: {path!r} is not a readable safetensors file ({exc}).") from exc
+    if metadata.get("format") != FORMAT or int(metadata.get("version", -1)) > VERSION:
+        raise ConfigError(f"load_sparse: {path!r} is not a sparsify_fx sparse export (version <= {VERSION}).")
+    plan = []
+    for i, e in enumerate(json.loads(metadata["layers"])):
+        try:
+            mod = model.get_submodule(e["fqn"])
+        except AttributeError:
+            raise ConfigError(f"load_sparse: the model has no layer {e['fqn']!r}; load into the same model.") from None
+        if not isinstance(mod, nn.Linear) or list(mod.weight.shape) != e["shape"]:
+            raise ConfigError(f"load_sparse: {e['fqn']!r} is not an nn.Linear of shape {e['shape']}.")
+        if (f"{i}.bias" in tensors) != (mod.bias is not None):
+            raise ConfigError(f"load_sparse: {e['fqn']!r} bias presence differs from the file.")
+        if e["kind"] == "nm":
+            n, m = e["n"], e["m"]
+            g = math.ceil(e["shape"][1] / m)
+            pos = tensors[f"{i}.positions"]
+            pos = _unpack4(pos, g * n) if e["packed"] else pos
+            w, mk = decompress_nm(tensors[f"{i}.values"], pos, n, m, e["shape"][1])
+            pattern = ("nm", n, m)
+        else:
+            w, mk = from_bsr(tensors[f"{i}.values"], tensors[f"{i}.crow"], tensors[f"{i}.col"], e["block"],
+                             e["shape"])
+            pattern = ("block", *e["block"])
+        plan.append((e["fqn"], mod, w, mk, tensors.get(f"{i}.bias"), pattern))
+    with torch.no_grad():
+        for fqn, mod, w, mk, bias, pattern in plan:
+            mod.weight.copy_(w)
+            if bias is not None:
+                mod.bias.copy_(bias)
+            if isinstance(mod, MaskedLinear):
+                mod.mask = mk.to(mod.weight.device)
+                mod.pattern = pattern
+            else:
+                _set_submodule(model, fqn, MaskedLinear(mod, mk, pattern))
+    return model
+
+
+def describe_config(cfg: NMConfig | BlockConfig) -> dict[str, Any]:
+    """JSON-able view of a config (calibration left out)."""
+    d = asdict(cfg)
+    d.pop("calibration", None)
+    return d

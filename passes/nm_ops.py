@@ -1,0 +1,135 @@
+"""Masked-linear custom ops: ``y = x @ (W ∘ M).T + b`` as one graph node, with a fixed 0/1 mask ``M``.
+
+Ops (namespace ``sparsify``), all with the same ATen implementation (a dense matmul on the masked weight, the CPU
+fast path) and the same autograd; they differ only in what a kernel family may assume about the mask:
+
+* ``masked_linear(x, weight, mask, bias, pruned_grad_scale)``: any mask.
+* ``nm_linear(x, weight, mask, bias, n, m, pruned_grad_scale)``: each group of ``m`` consecutive input columns of
+  each output row keeps exactly ``n`` (the last group may be short when ``in % m != 0``).
+* ``block_sparse_linear(x, weight, mask, bias, block_rows, block_cols, pruned_grad_scale)``: the mask is a union
+  of whole ``block_rows x block_cols`` tiles (edge tiles may be partial).
+
+Gradients: ``dx = dy @ (W ∘ M)``, ``db = sum(dy)``, and ``dW = (dy.T @ x) ∘ (M + s (1 - M))`` with
+``s = pruned_grad_scale`` — so pruned weights get no gradient when ``s == 0`` and ``s`` times the dense gradient
+otherwise (Progressive Gradient Flow, see :class:`sparsify_fx.passes.nm.NMConfig`). The mask gets no gradient.
+
+This module must not import triton: the Triton lowerings live in ``sparsify_fx.codegen.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsify_fx.errors import ConfigError
+
+__all__ = ["block_sparse_linear", "masked_linear", "masked_linear_reference", "nm_linear", "validate"]
+
+
+def validate(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> None:
+    """Shape checks shared by the real and fake kernels."""
+    if weight.dim() != 2:
+        raise ConfigError(f"masked_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}.")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ConfigError(
+            f"masked_linear: mask {tuple(mask.shape)} must have the weight's shape {tuple(weight.shape)}."
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise ConfigError(f"masked_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}.")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ConfigError(f"masked_linear: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}.")
+
+
+def masked_linear_reference(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on the masked weight (what every op computes)."""
+    return F.linear(x, weight * mask.to(weight.dtype), bias)
+
+
+def _forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
+    validate(x, weight, mask, bias)
+    return masked_linear_reference(x, weight, mask, bias)
+
+
+def _fake(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
+    validate(x, weight, mask, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, mask, bias = inputs[:4]
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+    ctx.scale = float(inputs[-1])
+    ctx.n_extra = len(inputs) - 4  # pattern ints + scale: no gradient
+
+
+def _backward(ctx, grad_y: Tensor):
+    x, weight, mask, = ctx.saved_tensors
+    wm = weight * mask.to(weight.dtype)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ wm.to(grad_y.dtype)
+    if ctx.needs_input_grad[1]:
+        g = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_y.dtype)
+        keep = mask.to(torch.bool)
+        grad_w = torch.where(keep, g, g * ctx.scale) if ctx.scale != 0.0 else g * keep.to(g.dtype)
+        grad_w = grad_w.to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return (grad_x, grad_w, None, grad_b, *([None] * ctx.n_extra))
+
+
+@torch.library.custom_op("sparsify::masked_linear", mutates_args=())
+def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None,
+                  pruned_grad_scale: float = 0.0) -> Tensor:
+    """``x @ (weight ∘ mask).T + bias`` for any 0/1 mask (bool or the weight's dtype)."""
+    return _forward(x, weight, mask, bias)
+
+
+@masked_linear.register_fake
+def _(x, weight, mask, bias, pruned_grad_scale=0.0):
+    return _fake(x, weight, mask, bias)
+
+
+def _check_nm(weight: Tensor, n: int, m: int) -> None:
+    if not 0 < n <= m:
+        raise ConfigError(f"nm_linear: need 0 < n <= m, got n={n}, m={m}.")
+
+
+@torch.library.custom_op("sparsify::nm_linear", mutates_args=())
+def nm_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, n: int, m: int,
+              pruned_grad_scale: float = 0.0) -> Tensor:
+    """``masked_linear`` whose mask keeps ``n`` of every ``m`` consecutive input columns per output row."""
+    _check_nm(weight, n, m)
+    return _forward(x, weight, mask, bias)
+
+
+@nm_linear.register_fake
+def _(x, weight, mask, bias, n, m, pruned_grad_scale=0.0):
+    _check_nm(weight, n, m)
+    return _fake(x, weight, mask, bias)
+
+
+def _check_block(block_rows: int, block_cols: int) -> None:
+    if block_rows <= 0 or block_cols <= 0:
+        raise ConfigError(f"block_sparse_linear: block sizes must be positive, got ({block_rows}, {block_cols}).")
+
+
+@torch.library.custom_op("sparsify::block_sparse_linear", mutates_args=())
+def block_sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, block_rows: int,
+                        block_cols: int, pruned_grad_scale: float = 0.0) -> Tensor:
+    """``masked_linear`` whose mask is a union of whole ``block_rows x block_cols`` tiles."""
+    _check_block(block_rows, block_cols)
+    return _forward(x, weight, mask, bias)
+
+
+@block_sparse_linear.register_fake
+def _(x, weight, mask, bias, block_rows, block_cols, pruned_grad_scale=0.0):
+    _check_block(block_rows, block_cols)
+    return _fake(x, weight, mask, bias)
+
+
+for _op in (masked_linear, nm_linear, block_sparse_linear):
+    _op.register_autograd(_backward, setup_context=_setup_context)
+    _op.register_autocast("cpu", torch.bfloat16)
