@@ -45,7 +45,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from sparsify_fx.codegen import rewrites as _rw
 from sparsify_fx.codegen.dump import Dumper, graph_text
 from sparsify_fx.codegen.inline import inline_traceable_custom_ops
-from sparsify_fx.codegen.lowering import lowering_for
+from sparsify_fx.codegen.lowering import lowering_for, registered
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.frontend.graph import InputInfo, TracedGraph
 
@@ -380,10 +380,12 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
     else:
         lower_with_inductor = None
 
+    inline_cache: dict = {}  # traces of custom ops, shared by this compile's forward and backward
+
     def inner(gm: torch.fx.GraphModule, example_inputs: Sequence[object], role: str | None = None,
               **kwargs: Any):
         role = role or _role(kwargs)
-        if family != "aten":
+        if registered(family):  # the registry decides; "aten" has no entries unless a module adds some
             try:
                 before = graph_text(gm) if dumper is not None else ""
                 swaps = swap_kernels(gm, family)
@@ -402,7 +404,7 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
         if family == "aten" and opts.inline_ops:
             try:
                 before = graph_text(gm) if dumper is not None else ""
-                notes = inline_traceable_custom_ops(gm)
+                notes = inline_traceable_custom_ops(gm, cache=inline_cache)
                 rec.inlined += [f"{role} {n}" for n in notes]
                 if dumper is not None and any(" inlined " in n for n in notes):
                     dumper.graph(f"{role}_kernels", "before", _text_module(before), changed=True)

@@ -234,3 +234,11 @@ def test_docs_example_pass_leaves_broadcasting_multiplies_alone():
             return (self.lin(x) * torch.ones(3, 1, 1)).tanh()
 
     check_pass(drop_mul_by_one, Broadcast(), (torch.randn(4, 8),))
+
+
+def test_check_kernel_on_a_repository_kernel():
+    from sparsify_fx.codegen.kernels import delta_gemm as dg
+
+    results = check_kernel(lambda x, w: dg.delta_gemm(x, w), lambda x, w: x @ w.T,
+                           [((5, 12), (7, 12)), ((17, 9), (3, 9))], dtypes=(torch.float32, torch.bfloat16))
+    assert len(results) == 4
