@@ -201,11 +201,11 @@ def time_steps(comps: list[Competitor], warmup: int, steps: int) -> dict[str, li
     return times
 
 
-def profile_step(c: Competitor, rows: int = 12) -> str:
+def profile_call(fn: Callable[[], None], rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        c.step()
+        fn()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -292,6 +292,9 @@ def bench_switch(s2: Competitor, lora: Competitor, w: Workload, reps: int) -> di
         (lora_weights[n] - lora_before[n]).abs().max().item() for n in lora_weights)
     out["lora"]["touched_values"] = sum(p.numel() for p in lora_weights.values())
     out["speedup"] = out["lora"]["median_s"] / out["s2ft"]["median_s"]
+    if out["speedup"] < 10:
+        # where the S²FT switch goes (ATen ops only: the fingerprint's hashing is Python, shown above as a share)
+        out["s2ft_profile"] = profile_call(lambda: [s2ft_switch() for _ in range(10)], rows=8)
     return out
 
 
@@ -366,11 +369,13 @@ def main() -> int:
     print(f"\nAdapter switch on A's model, median of {reps}: apply+remove (S²FT) vs merge+unmerge (LoRA)")
     switch = bench_switch(by["s2ft"], by["lora"], wa, reps)
     print_switch(switch)
+    if "s2ft_profile" in switch:
+        print(f"  profile of 10 S²FT switches (A), by self CPU time:\n{switch['s2ft_profile']}")
 
     profiles = {}
     if args.profile or speed["s2ft_over_bound"] > 1.05 or speed["s2ft_over_lora"] > 1.0:
         for name in ("s2ft", "bound"):
-            profiles[name] = profile_step(by[name])
+            profiles[name] = profile_call(by[name].step)
             print(f"\nprofile of one {name} step (A), by self CPU time:\n{profiles[name]}")
     del comps, by
     gc.collect()
@@ -387,11 +392,11 @@ def main() -> int:
             keep[c.name] = c  # for the switch on B; the meter counts only storages a step creates
         del c
         gc.collect()
-    print(f"  {'method':7s} {'trainable':>11s} {'step peak':>10s} {'opt state':>10s} {'total MiB':>10s} "
-          f"{'/full':>6s}  (weights {mem['full']['weight_bytes'] / MIB:.0f} MiB)")
+    print(f"  {'method':7s} {'trainable':>11s} {'step peak':>10s} {'(grads)':>9s} {'opt state':>10s} "
+          f"{'total MiB':>10s} {'/full':>6s}  (weights {mem['full']['weight_bytes'] / MIB:.0f} MiB)")
     for name in ("full", "lora", "bound", "s2ft"):
         m = mem[name]
-        print(f"  {name:7s} {m['trainable']:11,d} {m['step_peak_bytes'] / MIB:10.1f} "
+        print(f"  {name:7s} {m['trainable']:11,d} {m['step_peak_bytes'] / MIB:10.1f} {m['grad_bytes'] / MIB:9.1f} "
               f"{m['optimizer_state_bytes'] / MIB:10.1f} {m['total_above_weights_bytes'] / MIB:10.1f} "
               f"{m['total_above_weights_bytes'] / mem['full']['total_above_weights_bytes']:6.3f}  {m['note']}")
     total = {k: v["total_above_weights_bytes"] for k, v in mem.items()}
