@@ -38,7 +38,28 @@ def build(args):
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     sparsify_fx.s2ft(model, (ids,), sparsify_fx.S2FTConfig(attention_ratio=0.1, ffn_ratio=0.1))
+    if args.ops == "reference":
+        use_reference_ops(model)
     return model, ids
+
+
+def use_reference_ops(model) -> None:
+    """S²FT layers computed the plain-PyTorch way (``torch.cat`` of frozen and trainable pieces, then
+    ``F.linear``), as a user without our custom op would write it: autograd then computes full weight gradients
+    and keeps full activations, which is what the backend's generic rewrites are for."""
+    import types
+
+    from sparsify_fx.ops import s2ft_linear_reference
+    from sparsify_fx.passes.s2ft import S2FTLinear
+
+    def forward(self, x):
+        w = self.weight.t() if self.transposed else self.weight
+        blocks = [b.t() if self.transposed else b for b in self.blocks]
+        return s2ft_linear_reference(x, w, self.bias, blocks, self.logical_dim, self.starts)
+
+    for m in model.modules():
+        if isinstance(m, S2FTLinear):
+            m.forward = types.MethodType(forward, m)
 
 
 def sync(device: str) -> None:
@@ -77,6 +98,10 @@ def prepare(mode: str, args):
         info["rewrites_fired"] = sorted({p.name for r in records for p in r.passes if p.changed})
         info["fallbacks"] = [f for r in records for f in r.fallbacks]
         info["kernel_swaps"] = sum(len(r.swaps) for r in records)
+        before = [r.saved_bytes_before for r in records if r.saved_bytes_before is not None]
+        after = [r.saved_bytes_after for r in records if r.saved_bytes_after is not None]
+        if before and after:
+            info["saved_bytes_before_rewrites"], info["saved_bytes_after_rewrites"] = sum(before), sum(after)
     return step, info
 
 
@@ -92,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--kernels", default="auto", choices=["auto", "aten", "triton"])
+    p.add_argument("--ops", default="custom", choices=["custom", "reference"],
+                   help="S2FT layers via sparsify::s2ft_linear (custom) or plain torch.cat + F.linear (reference)")
     p.add_argument("--no-rewrites", action="store_true", help="sparsify backend without its generic rewrites")
     p.add_argument("--order", nargs=2, default=["inductor", "sparsify"], choices=["inductor", "sparsify"],
                    help="order of the compiled modes (check that the order does not decide the result)")
@@ -150,8 +177,8 @@ def main(argv=None) -> int:
         ("inductor", ind["step_s"], ind["compile_s"]),
         ("sparsify", sp["step_s"], sp["compile_s"]),
     ]
-    print(f"\nS2FT Llama h={args.hidden} L={args.layers} batch={args.batch}x{args.seq} on {args.device} "
-          f"({args.threads} threads)")
+    print(f"\nS2FT Llama ({args.ops} ops) h={args.hidden} L={args.layers} batch={args.batch}x{args.seq} "
+          f"on {args.device} ({args.threads} threads)")
     print(f"{'mode':<10} {'step ms (median)':>17} {'vs eager':>9} {'compile s':>10}")
     for name, st, ct in rows:
         print(f"{name:<10} {st * 1e3:>17.1f} {eg['step_s'] / st:>8.2f}x {'' if ct is None else f'{ct:.1f}':>10}")
@@ -164,6 +191,9 @@ def main(argv=None) -> int:
     print(f"sparsify / inductor: step {ratios['sparsify_over_inductor_step']:.3f}, "
           f"compile {ratios['sparsify_over_inductor_compile']:.3f}  (target: both <= 1)")
     print(f"sparsify rewrites fired: {sp.get('rewrites_fired')}, fallbacks: {sp.get('fallbacks')}")
+    if "saved_bytes_before_rewrites" in sp:
+        print(f"saved for backward: {sp['saved_bytes_before_rewrites'] / 2**20:.2f} MiB as partitioned -> "
+              f"{sp['saved_bytes_after_rewrites'] / 2**20:.2f} MiB after the rewrites")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
