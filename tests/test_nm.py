@@ -480,3 +480,22 @@ def test_one_graph_node_under_export():
 def test_public_names():
     assert sparsify_fx.sparsify is nm.sparsify
     assert sparsify_fx.NMConfig is NMConfig and sparsify_fx.BlockConfig is BlockConfig
+
+
+def test_compile_lowers_to_triton_kernels():
+    from sparsify_fx.codegen import backend as be
+
+    torch._dynamo.reset()
+    model = _mlp()
+    sparsify(model, NMConfig(include=["layers.0", "layers.2"], progress=False))
+    sparsify(model, BlockConfig(block=(8, 8), density=0.5, include=["layers.1"], progress=False))
+    compiled = torch.compile(model, backend="sparsify", options={"kernels": "triton"})
+    x = torch.randn(5, 16)
+    with torch.no_grad(), be.recording() as records:
+        y = compiled(x)
+    swaps = sorted(s.split(": ")[1] for r in records for s in r.swaps)
+    assert swaps == ["sparsify.block_sparse_linear.default -> sparsify.block_sparse_linear_triton.default",
+                     *["sparsify.nm_linear.default -> sparsify.nm_linear_triton.default"] * 2]
+    assert not any(r.fallbacks for r in records)
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
