@@ -5,7 +5,8 @@
 and swaps the layer for a :class:`MaskedLinear` that calls one ``sparsify::nm_linear`` /
 ``sparsify::block_sparse_linear`` op (one graph node under torch.compile; the ``"triton"`` kernel family lowers it
 to the sparse kernels in :mod:`sparsify_fx.codegen.kernels`). The weight stays the same ``Parameter`` object, so an
-optimizer created before keeps working. transformers' ``Conv1D`` (GPT-2) is not handled: its layers are skipped.
+optimizer created before keeps working. transformers' ``Conv1D`` (GPT-2; weight stored ``[in, out]``) is handled
+the same way and becomes a :class:`MaskedConv1D` whose weight and mask keep that layout.
 
 Patterns: N:M groups run along the input dim (each output row keeps ``n`` of every ``m`` consecutive input
 columns); block sparsity keeps the top-scoring ``block`` tiles (score: mean ``|score|`` over the tile) until the
@@ -32,6 +33,7 @@ from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: o
 
 __all__ = [
     "BlockConfig",
+    "MaskedConv1D",
     "MaskedLinear",
     "NMConfig",
     "block_mask",
@@ -58,7 +60,8 @@ VERSION = 1
 class _Common:
     """Fields shared by both patterns.
 
-    * ``include``: FQN globs of the layers to sparsify (``None``: every ``nn.Linear``); ``skip``: globs to leave
+    * ``include``: FQN globs of the layers to sparsify (``None``: every ``nn.Linear`` and
+      transformers ``Conv1D``); ``skip``: globs to leave
       dense (e.g. ``["lm_head"]``).
     * ``score``: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W| * ||X_col||_2``; needs ``calibration``, an
       iterable of example inputs: tensors, tuples of positional args, or dicts of keyword args).
@@ -182,12 +185,61 @@ def block_mask(score: Tensor, block: Sequence[int], density: float, padding: str
 # --------------------------------------------------------------------------------------------------------------
 
 
-class MaskedLinear(nn.Linear):
+class _MaskedMixin:
+    """Forward and PGF bookkeeping shared by the masked layer types (``weight_oi``/``mask_oi``: ``[out, in]`` views)."""
+
+    def _init_mask(self, mask_oi: Tensor, pattern: tuple[str, int, int], pgf_decay_steps: int,
+                   pgf_start: float) -> None:
+        mask = mask_oi.to(device=self.weight.device, dtype=torch.bool)
+        self.register_buffer("mask", mask if not self._transposed else mask.t().contiguous())
+        self.pattern = tuple(pattern)
+        self.pgf_decay_steps = int(pgf_decay_steps)
+        self.pgf_start = float(pgf_start)
+        self.pgf_step = 0
+
+    def weight_oi(self) -> Tensor:
+        return self.weight.t() if self._transposed else self.weight
+
+    def mask_oi(self) -> Tensor:
+        return self.mask.t() if self._transposed else self.mask
+
+    def set_mask_oi(self, mask_oi: Tensor) -> None:
+        mask = mask_oi.to(device=self.weight.device, dtype=torch.bool)
+        self.mask = mask.t().contiguous() if self._transposed else mask
+
+    @property
+    def pruned_grad_scale(self) -> float:
+        return pgf_scale(self.pgf_step, self.pgf_decay_steps, self.pgf_start)
+
+    def masked_weight(self) -> Tensor:
+        """The effective weight ``W ∘ M`` in the layer's own layout."""
+        return self.weight * self.mask.to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = 0.0
+        if self.training and self.pgf_decay_steps and torch.is_grad_enabled():
+            scale = self.pruned_grad_scale
+            self.pgf_step += 1
+        kind, a, b = self.pattern
+        w, mk = self.weight_oi(), self.mask_oi()
+        if kind == "nm":
+            return torch.ops.sparsify.nm_linear(x, w, mk, self.bias, a, b, scale)
+        return torch.ops.sparsify.block_sparse_linear(x, w, mk, self.bias, a, b, scale)
+
+    def _pattern_repr(self) -> str:
+        kind, a, b = self.pattern
+        pat = f"{a}:{b}" if kind == "nm" else f"block=({a}, {b})"
+        return f"{pat}, density={self.mask.float().mean().item():.3f}"
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
     """``nn.Linear`` with a fixed bool ``mask`` buffer: ``y = x @ (W ∘ M).T + b`` through one custom op.
 
     ``pattern`` is ``("nm", n, m)`` or ``("block", rows, cols)``. The weight and bias are the original
-    ``Parameter`` objects.
+    ``Parameter`` objects. ``pgf_step`` counts the training forwards that applied Progressive Gradient Flow.
     """
+
+    _transposed = False
 
     def __init__(self, linear: nn.Linear, mask: Tensor, pattern: tuple[str, int, int], *, pgf_decay_steps: int = 0,
                  pgf_start: float = 1.0) -> None:
@@ -196,34 +248,59 @@ class MaskedLinear(nn.Linear):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("mask", mask.to(device=linear.weight.device, dtype=torch.bool))
-        self.pattern = tuple(pattern)
-        self.pgf_decay_steps = int(pgf_decay_steps)
-        self.pgf_start = float(pgf_start)
-        self.pgf_step = 0
-
-    @property
-    def pruned_grad_scale(self) -> float:
-        return pgf_scale(self.pgf_step, self.pgf_decay_steps, self.pgf_start)
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = 0.0
-        if self.training and self.pgf_decay_steps and torch.is_grad_enabled():
-            scale = self.pruned_grad_scale
-            self.pgf_step += 1
-        kind, a, b = self.pattern
-        if kind == "nm":
-            return torch.ops.sparsify.nm_linear(x, self.weight, self.mask, self.bias, a, b, scale)
-        return torch.ops.sparsify.block_sparse_linear(x, self.weight, self.mask, self.bias, a, b, scale)
-
-    def masked_weight(self) -> Tensor:
-        return self.weight * self.mask.to(self.weight.dtype)
+        self._init_mask(mask, pattern, pgf_decay_steps, pgf_start)
 
     def extra_repr(self) -> str:
-        kind, a, b = self.pattern
-        pat = f"{a}:{b}" if kind == "nm" else f"block=({a}, {b})"
-        density = self.mask.float().mean().item()
-        return f"{super().extra_repr()}, {pat}, density={density:.3f}"
+        return f"{nn.Linear.extra_repr(self)}, {self._pattern_repr()}"
+
+
+class MaskedConv1D(_MaskedMixin, nn.Module):
+    """transformers ``Conv1D`` (``y = x @ W + b``, ``W [in, out]``) with a fixed mask in the same ``[in, out]``
+    layout. Patterns are defined on ``W.T`` (N:M groups run along the input dim, as for linears)."""
+
+    _transposed = True
+
+    def __init__(self, conv: nn.Module, mask: Tensor, pattern: tuple[str, int, int], *, pgf_decay_steps: int = 0,
+                 pgf_start: float = 1.0) -> None:
+        super().__init__()
+        self.nf = conv.nf
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._init_mask(mask, pattern, pgf_decay_steps, pgf_start)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._pattern_repr()}"
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    # duck-typed so transformers is never imported here
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+
+
+def _is_target(mod: nn.Module) -> bool:
+    return (isinstance(mod, nn.Linear) or _is_conv1d(mod)) and not isinstance(mod, _MaskedMixin)
+
+
+def _weight_oi(mod: nn.Module) -> Tensor:
+    """The weight as ``[out, in]`` (a view for Conv1D)."""
+    if isinstance(mod, _MaskedMixin):
+        return mod.weight_oi()
+    return mod.weight.t() if _is_conv1d(mod) else mod.weight
+
+
+def _wrap(mod: nn.Module, mask_oi: Tensor, pattern: tuple[str, int, int], **pgf: Any) -> nn.Module:
+    cls = MaskedConv1D if _is_conv1d(mod) else MaskedLinear
+    new = cls(mod, mask_oi, pattern, **pgf)
+    new.train(mod.training)
+    return new
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,13 +308,13 @@ class MaskedLinear(nn.Linear):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _selected(model: nn.Module, cfg: NMConfig | BlockConfig) -> dict[str, nn.Linear]:
+def _selected(model: nn.Module, cfg: NMConfig | BlockConfig) -> dict[str, nn.Module]:
     def match(name: str, globs: Iterable[str]) -> bool:
         return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, f"*.{g}") for g in globs)
 
     picked = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or isinstance(mod, MaskedLinear):
+        if not _is_target(mod):
             continue
         if cfg.include is not None and not match(name, cfg.include):
             continue
@@ -247,12 +324,12 @@ def _selected(model: nn.Module, cfg: NMConfig | BlockConfig) -> dict[str, nn.Lin
     return picked
 
 
-def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Linear], calibration: Iterable[Any],
+def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Module], calibration: Iterable[Any],
                  progress: bool) -> dict[str, Tensor]:
     """Per-input-column L2 norm of each layer's input over the calibration set (hooks removed afterwards)."""
     from tqdm.auto import tqdm
 
-    sq = {name: torch.zeros(mod.in_features, dtype=torch.float64, device=mod.weight.device)
+    sq = {name: torch.zeros(_weight_oi(mod).shape[1], dtype=torch.float64, device=mod.weight.device)
           for name, mod in layers.items()}
 
     def hook(name):
@@ -284,7 +361,7 @@ def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Linear], calibration:
     return {name: s.sqrt().float() for name, s in sq.items()}
 
 
-def _shared_params(model: nn.Module, layers: Mapping[str, nn.Linear]) -> None:
+def _shared_params(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
     owners: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
@@ -310,19 +387,19 @@ def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
     layers = _selected(model, config)
     if not layers:
         raise ConfigError(
-            "sparsify: no nn.Linear layer matches include/skip; check the globs against model.named_modules()."
+            "sparsify: no nn.Linear/Conv1D layer matches include/skip; check the globs against model.named_modules()."
         )
     _shared_params(model, layers)
     for name, mod in layers.items():  # shapes first: cheap, and before a long calibration pass
         try:
-            _mask_for(torch.ones(1, 1).expand(mod.out_features, mod.in_features), config)
+            _mask_for(torch.ones(1, 1).expand(*_weight_oi(mod).shape), config)
         except ConfigError as e:
             raise ConfigError(f"{e} (layer {name!r})") from None
     norms = _wanda_norms(model, layers, config.calibration, config.progress) if config.score == "wanda" else {}
     masks = {}
     with torch.no_grad():
         for name, mod in layers.items():
-            score = mod.weight.detach().abs().float()
+            score = _weight_oi(mod).detach().abs().float()
             if name in norms:
                 score = score * norms[name][None, :]
             masks[name] = _mask_for(score, config)
@@ -330,10 +407,8 @@ def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
                else ("block", config.block[0], config.block[1]))
     for name, mod in layers.items():
         with torch.no_grad():
-            mod.weight.mul_(masks[name].to(mod.weight.dtype))
-        new = MaskedLinear(mod, masks[name], pattern, pgf_decay_steps=config.pgf_decay_steps,
-                           pgf_start=config.pgf_start)
-        new.train(mod.training)
+            _weight_oi(mod).mul_(masks[name].to(mod.weight.dtype))
+        new = _wrap(mod, masks[name], pattern, pgf_decay_steps=config.pgf_decay_steps, pgf_start=config.pgf_start)
         _set_submodule(model, name, new)
     return model
 
@@ -439,7 +514,7 @@ def from_bsr(values: Tensor, crow: Tensor, col: Tensor, block: Sequence[int],
 
 
 def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write every :class:`MaskedLinear`'s weight compactly to a safetensors file (atomic; JSON header, no pickle).
+    """Write every masked layer's weight compactly to a safetensors file (atomic; JSON header, no pickle).
 
     N:M layers: ``values [out, ceil(in/m)*n]`` plus positions within each group (two 4-bit codes per byte when
     ``m <= 16``, else uint8). Block layers: BSR (tile values, int32 row pointers and column indices). Biases are
@@ -450,19 +525,19 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     tensors: dict[str, Tensor] = {}
     layers = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, MaskedLinear):
+        if not isinstance(mod, _MaskedMixin):
             continue
         kind, a, b = mod.pattern
-        w = mod.weight.detach()
+        w, mk = mod.weight_oi().detach(), mod.mask_oi()
         entry: dict[str, Any] = {"fqn": name, "kind": kind, "shape": list(w.shape), "dtype": str(w.dtype)}
         key = f"{len(layers)}"
         if kind == "nm":
-            values, pos = compress_nm(w, mod.mask, a, b)
+            values, pos = compress_nm(w, mk, a, b)
             entry.update(n=a, m=b, packed=b <= 16)
             tensors[f"{key}.values"] = values
             tensors[f"{key}.positions"] = _pack4(pos) if b <= 16 else pos
         else:
-            values, crow, col = to_bsr(w, mod.mask, (a, b))
+            values, crow, col = to_bsr(w, mk, (a, b))
             entry.update(block=[a, b])
             tensors[f"{key}.values"] = values
             tensors[f"{key}.crow"] = crow
@@ -471,7 +546,7 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
             tensors[f"{key}.bias"] = mod.bias.detach()
         layers.append(entry)
     if not layers:
-        raise ConfigError("export_sparse: the model has no MaskedLinear layer; call sparsify(model, config) first.")
+        raise ConfigError("export_sparse: the model has no masked layer; call sparsify(model, config) first.")
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layers)}
     path = os.fspath(path)
@@ -489,7 +564,7 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
 def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Restore the layers written by :func:`export_sparse` into ``model`` (same architecture), in place.
 
-    Plain ``nn.Linear`` layers become :class:`MaskedLinear`; existing ones get their weight and mask overwritten.
+    Plain ``nn.Linear`` / ``Conv1D`` layers become masked ones; masked ones get their weight and mask overwritten.
     Pruned weights come back as exact zeros. Everything is checked before the model is touched.
     """
     from safetensors import safe_open
@@ -509,8 +584,10 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             mod = model.get_submodule(e["fqn"])
         except AttributeError:
             raise ConfigError(f"load_sparse: the model has no layer {e['fqn']!r}; load into the same model.") from None
-        if not isinstance(mod, nn.Linear) or list(mod.weight.shape) != e["shape"]:
-            raise ConfigError(f"load_sparse: {e['fqn']!r} is not an nn.Linear of shape {e['shape']}.")
+        if not (_is_target(mod) or isinstance(mod, _MaskedMixin)) or list(_weight_oi(mod).shape) != e["shape"]:
+            raise ConfigError(
+                f"load_sparse: {e['fqn']!r} is not an nn.Linear/Conv1D of [out, in] shape {e['shape']}."
+            )
         if (f"{i}.bias" in tensors) != (mod.bias is not None):
             raise ConfigError(f"load_sparse: {e['fqn']!r} bias presence differs from the file.")
         if e["kind"] == "nm":
@@ -527,14 +604,14 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         plan.append((e["fqn"], mod, w, mk, tensors.get(f"{i}.bias"), pattern))
     with torch.no_grad():
         for fqn, mod, w, mk, bias, pattern in plan:
-            mod.weight.copy_(w)
+            _weight_oi(mod).copy_(w)
             if bias is not None:
                 mod.bias.copy_(bias)
-            if isinstance(mod, MaskedLinear):
-                mod.mask = mk.to(mod.weight.device)
+            if isinstance(mod, _MaskedMixin):
+                mod.set_mask_oi(mk)
                 mod.pattern = pattern
             else:
-                _set_submodule(model, fqn, MaskedLinear(mod, mk, pattern))
+                _set_submodule(model, fqn, _wrap(mod, mk, pattern))
     return model
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import sparsify_fx
 from sparsify_fx import BlockConfig, ConfigError, NMConfig, sparsify
 from sparsify_fx.passes import nm
-from sparsify_fx.passes.nm import MaskedLinear, export_sparse, load_sparse
+from sparsify_fx.passes.nm import MaskedConv1D, MaskedLinear, export_sparse, load_sparse
 
 torch.manual_seed(0)
 
@@ -41,7 +41,7 @@ def _ids(batch=2, seq=7, seed=1):
 
 
 def _masked(model):
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, MaskedLinear)}
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, (MaskedLinear, MaskedConv1D))}
 
 
 def _dense_twin(original, sparse):
@@ -422,7 +422,7 @@ def test_load_refuses_other_architecture(tmp_path):
     with pytest.raises(ConfigError, match="shape"):
         load_sparse(other, tmp_path / "s.safetensors")
     assert _bit_identical(before, other.state_dict()) and not _masked(other)
-    with pytest.raises(ConfigError, match="no MaskedLinear"):
+    with pytest.raises(ConfigError, match="no masked layer"):
         export_sparse(_mlp(), tmp_path / "t.safetensors")
 
 
@@ -499,3 +499,32 @@ def test_compile_lowers_to_triton_kernels():
     assert not any(r.fallbacks for r in records)
     torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_gpt2_conv1d_layers(tmp_path):
+    torch.manual_seed(0)
+    original = models.gpt2().eval()
+    sparse = copy.deepcopy(original)
+    with pytest.raises(ConfigError, match="tied"):  # lm_head shares the token embedding
+        sparsify(sparse, NMConfig(progress=False))
+    sparsify(sparse, NMConfig(n=2, m=4, skip=["lm_head"], progress=False))
+    layers = _masked(sparse)
+    assert len(layers) == 2 * 4 and all(isinstance(m, MaskedConv1D) for m in layers.values())
+    for mod in layers.values():
+        assert mod.mask.shape == mod.weight.shape  # Conv1D layout [in, out]
+        assert bool((mod.mask.t().reshape(mod.out_features, -1, 4).sum(-1) == 2).all())  # groups along in
+    dense = _dense_twin(original, sparse)
+    ids = _ids()
+    y, y_ref = sparse(ids).logits, dense(ids).logits
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6 * y_ref.abs().max().item())
+    y.square().mean().backward()
+    y_ref.square().mean().backward()
+    _grads_equal(sparse, dense)
+    export_sparse(sparse, tmp_path / "g.safetensors")
+    fresh = copy.deepcopy(original)
+    load_sparse(fresh, tmp_path / "g.safetensors")
+    for name, mod in layers.items():
+        got = fresh.get_submodule(name)
+        assert isinstance(got, MaskedConv1D)
+        assert torch.equal(got.mask, mod.mask) and torch.equal(got.weight, mod.weight * mod.mask)
+    torch.testing.assert_close(fresh(ids).logits, y.detach(), rtol=0, atol=0)
