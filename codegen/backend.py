@@ -385,6 +385,10 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
     def inner(gm: torch.fx.GraphModule, example_inputs: Sequence[object], role: str | None = None,
               **kwargs: Any):
         role = role or _role(kwargs)
+        ours = any(isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "sparsify"
+                   for n in gm.graph.nodes if n.op == "call_function")
+        # only graphs we may edit here (kernel swaps, inlining) need a copy to fall back to
+        original = copy.deepcopy(gm) if ours and opts.fallback and lower_with_inductor is not None else None
         if registered(family):  # the registry decides; "aten" has no entries unless a module adds some
             try:
                 before = graph_text(gm) if dumper is not None else ""
@@ -414,7 +418,13 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
         if role == "inference" and rec.keep_text:
             rec.graphs.setdefault("inference", graph_text(gm))
         if lower_with_inductor is not None:
-            out = lower_with_inductor(gm, example_inputs, **kwargs)
+            try:
+                out = lower_with_inductor(gm, example_inputs, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                if original is None or graph_text_equal(original, gm):
+                    raise  # nothing of ours in this graph: Inductor's own error
+                _fallback(rec, opts, f"{role}: Inductor failed on the graph with swapped/inlined ops", e)
+                out = lower_with_inductor(original, example_inputs, **kwargs)
         else:
             out = lower(gm, example_inputs)
         if dumper is not None:
@@ -425,6 +435,10 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
         return out
 
     return inner
+
+
+def graph_text_equal(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    return a.code == b.code
 
 
 class _text_module:  # noqa: N801 - quacks like a GraphModule for Dumper.graph
@@ -502,8 +516,16 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[object], opts: B
 
         patches.update(list_mode_options(mode))
     patches["custom_partitioner_fn"] = partitioner
-    compiled = compile_fx(gm, example_inputs, inner_compile=_make_inner(opts, rec, family, dumper),
-                          config_patches=patches)
+    # compile_fx may mutate the graph it is given: keep the original for a plain-Inductor retry
+    pristine = copy.deepcopy(gm) if opts.fallback else None
+    try:
+        compiled = compile_fx(gm, example_inputs, inner_compile=_make_inner(opts, rec, family, dumper),
+                              config_patches=patches)
+    except Exception as e:  # noqa: BLE001
+        _fallback(rec, opts, "compiling with sparsify's hooks failed", e)
+        # the retry is plain Inductor: if it fails too, that error is the user's to see
+        compiled = compile_fx(pristine, example_inputs,
+                              config_patches={k: v for k, v in patches.items() if k != "custom_partitioner_fn"})
     if dumper is not None:
         dumper.update_index(rec.to_json())
     return compiled

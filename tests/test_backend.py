@@ -195,6 +195,23 @@ def test_failing_rewrite_falls_back_with_logged_reason(monkeypatch, caplog):
     torch._dynamo.reset()
 
 
+def test_failure_inside_inductor_with_our_hooks_retries_plain_inductor(monkeypatch, caplog):
+    def broken_inner(*args, **kwargs):
+        def inner(gm, example_inputs, **kw):
+            raise RuntimeError("lowering exploded")
+
+        return inner
+
+    monkeypatch.setattr(be, "_make_inner", broken_inner)
+    torch._dynamo.reset()
+    model = CatTrainable()
+    with caplog.at_level(logging.WARNING, logger="sparsify_fx"), be.recording() as records:
+        assert_equivalent(model, torch.compile(model, backend="sparsify"), (torch.randn(2, 16),), rtol=1e-5,
+                          atol=1e-6)
+    assert "lowering exploded" in records[0].fallbacks[0] and "plain Inductor" in caplog.text
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------------- S²FT training
 
 
