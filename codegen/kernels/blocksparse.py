@@ -76,7 +76,7 @@ if HAS_TRITON:
                 # interpreter: its bf16 dot is not a float dot; bf16 values are exact in fp32, so dot there
                 acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+                acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc, input_precision="ieee")
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_yt + rn[None, :] * stride_yo, acc.to(y_ptr.dtype.element_ty),
