@@ -18,13 +18,18 @@ This module must not import triton: the Triton lowerings live in ``sparsify_fx.c
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify_fx.errors import ConfigError
 
-__all__ = ["block_sparse_linear", "masked_linear", "masked_linear_reference", "nm_linear", "validate"]
+__all__ = ["block_sparse_linear", "compact_cached", "masked_linear", "masked_linear_reference", "nm_linear",
+           "validate"]
 
 
 def validate(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> None:
@@ -39,6 +44,38 @@ def validate(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> No
         raise ConfigError(f"masked_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}.")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ConfigError(f"masked_linear: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}.")
+
+
+_COMPACT: Any = None  # WeakIdKeyDictionary weight -> (key, compact form), created on first use
+
+
+def compact_cached(weight: Tensor, mask: Tensor, tag: tuple, build: Callable[[], Any]) -> Any:
+    """``build()`` (a compact form of ``weight ∘ mask``), reused while neither tensor changed.
+
+    Kernels take compact weights, but the ops take the dense weight and mask (so training and the ATen path need
+    nothing else); this keeps an inference loop from re-compressing every call. Validity is keyed on the tensors'
+    identity, storage, version counters (bumped by every in-place write, e.g. an optimizer step) and ``tag``;
+    entries die with the weight. Tensors without version counters (inference mode) are not cached.
+    """
+    global _COMPACT
+    # views (Conv1D's weight.t()) are new objects per call: key on the base tensors, plus the views' geometry
+    wbase = weight if weight._base is None else weight._base
+    mbase = mask if mask._base is None else mask._base
+    try:
+        key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, wbase._version,
+               mask.data_ptr(), mask.stride(), mbase._version, tag)
+    except RuntimeError:
+        return build()
+    if _COMPACT is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _COMPACT = WeakIdKeyDictionary()
+    hit = _COMPACT.get(wbase)
+    if hit is not None and hit[0] == key and hit[1]() is mbase:
+        return hit[2]
+    value = build()
+    _COMPACT[wbase] = (key, weakref.ref(mbase), value)
+    return value
 
 
 def masked_linear_reference(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 from sparsify_fx.codegen.lowering import register_lowering
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.nm import from_bsr, to_bsr
-from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, validate
+from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, compact_cached, validate
 
 try:
     import triton
@@ -143,10 +143,16 @@ def blocksparse_matmul(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, sha
 @torch.library.custom_op("sparsify::block_sparse_linear_triton", mutates_args=())
 def block_sparse_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, block_rows: int,
                                block_cols: int, pruned_grad_scale: float = 0.0) -> Tensor:
-    """Triton twin of ``sparsify::block_sparse_linear``: BSR of ``weight ∘ mask`` (per call), then the kernel."""
+    """Triton twin of ``sparsify::block_sparse_linear``: BSR of ``weight ∘ mask`` (cached until either changes),
+    then :func:`blocksparse_matmul`."""
     validate(x, weight, mask, bias)
-    values, crow, col = to_bsr(weight, mask, (block_rows, block_cols))
-    return blocksparse_matmul(x, values.to(x.dtype), crow, col, tuple(weight.shape), bias)
+
+    def build():
+        values, crow, col = to_bsr(weight.detach(), mask, (block_rows, block_cols))
+        return values.to(x.dtype), crow, col
+
+    values, crow, col = compact_cached(weight, mask, ("block", block_rows, block_cols, x.dtype), build)
+    return blocksparse_matmul(x, values, crow, col, tuple(weight.shape), bias)
 
 
 @block_sparse_linear_triton.register_fake

@@ -31,7 +31,7 @@ from torch import Tensor
 from sparsify_fx.codegen.lowering import register_lowering
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.nm import compress_nm, decompress_nm
-from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, validate
+from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, compact_cached, validate
 
 try:
     import triton
@@ -146,10 +146,16 @@ def nm_matmul(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_f
 @torch.library.custom_op("sparsify::nm_linear_triton", mutates_args=())
 def nm_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, n: int, m: int,
                      pruned_grad_scale: float = 0.0) -> Tensor:
-    """Triton twin of ``sparsify::nm_linear``: compress ``weight ∘ mask`` (per call), then :func:`nm_matmul`."""
+    """Triton twin of ``sparsify::nm_linear``: compress ``weight ∘ mask`` (cached until either changes), then
+    :func:`nm_matmul`."""
     validate(x, weight, mask, bias)
-    values, positions = compress_nm(weight, mask, n, m)
-    return nm_matmul(x, values.to(x.dtype), positions, n, m, weight.shape[1], bias)
+
+    def build():
+        values, positions = compress_nm(weight.detach(), mask, n, m)
+        return values.to(x.dtype), positions
+
+    values, positions = compact_cached(weight, mask, ("nm", n, m, x.dtype), build)
+    return nm_matmul(x, values, positions, n, m, weight.shape[1], bias)
 
 
 @nm_linear_triton.register_fake

@@ -97,3 +97,18 @@ def test_opcheck_twin():
     torch.library.opcheck(torch.ops.sparsify.block_sparse_linear_triton.default,
                           (x, w.requires_grad_(True), mask, b, 4, 4, 0.0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_twin_caches_bsr_until_mask_changes(monkeypatch):
+    calls = []
+    real = K.to_bsr
+    monkeypatch.setattr(K, "to_bsr", lambda *a: calls.append(1) or real(*a))
+    x, w, mask, b = _problem((4, 16, 16, (8, 8), 0.5), torch.float32, seed=5)
+    op = torch.ops.sparsify.block_sparse_linear_triton
+    op(x, w, mask, b, 8, 8, 0.0)
+    op(x, w, mask, b, 8, 8, 0.0)
+    assert len(calls) == 1
+    other = ~mask  # a new mask object for the same weight
+    y = op(x, w, other, b, 8, 8, 0.0)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, x @ (w * other).t() + b, rtol=1e-5, atol=1e-5)

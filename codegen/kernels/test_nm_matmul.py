@@ -93,3 +93,24 @@ def test_opcheck_twin():
     torch.library.opcheck(torch.ops.sparsify.nm_linear_triton.default,
                           (x, w.requires_grad_(True), mask, b, 2, 4, 0.0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_twin_caches_compact_weight_until_it_changes(monkeypatch):
+    calls = []
+    real = K.compress_nm
+    monkeypatch.setattr(K, "compress_nm", lambda *a: calls.append(1) or real(*a))
+    x, w, mask, b = _problem((4, 16, 8, 2, 4), torch.float32, seed=5)
+    op = torch.ops.sparsify.nm_linear_triton
+    y1 = op(x, w, mask, b, 2, 4, 0.0)
+    y2 = op(x, w, mask, b, 2, 4, 0.0)
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    with torch.no_grad():
+        w.mul_(2.0)  # an optimizer step writes in place: the version counter moves
+    y3 = op(x, w, mask, b, 2, 4, 0.0)
+    assert len(calls) == 2
+    torch.testing.assert_close(y3, x @ (w * mask).t() + b, rtol=1e-5, atol=1e-5)
+    # Conv1D passes transposed views, new objects per call: still one compression
+    wt, mt = w.t().contiguous(), mask.t().contiguous()
+    op(x, wt.t(), mt.t(), b, 2, 4, 0.0)
+    op(x, wt.t(), mt.t(), b, 2, 4, 0.0)
+    assert len(calls) == 3
