@@ -327,7 +327,7 @@ def verdict(ok: bool) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few steps: a smoke run")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 11; quick 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 15; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per method (default 2; quick 1)")
     ap.add_argument("--reps", type=int, default=None, help="adapter switch repetitions (default 100; quick 10)")
     ap.add_argument("--threads", type=int, default=2)
@@ -335,7 +335,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/train_step.json; "
                     "--quick writes none unless given)")
     args = ap.parse_args()
-    steps = args.steps or (3 if args.quick else 11)
+    steps = args.steps or (3 if args.quick else 15)
     warmup = args.warmup or (1 if args.quick else 2)
     reps = args.reps or (10 if args.quick else 100)
     torch.set_num_threads(args.threads)
@@ -354,10 +354,17 @@ def main() -> int:
     print(f"\nA (speed): {wa.describe()}, AdamW; median of {steps} steps after {warmup} warm-up, interleaved")
     times = time_steps(comps, warmup, steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"  {'method':7s} {'trainable':>11s} {'median ms':>9s} {'min ms':>9s} {'max ms':>9s}  {'/bound':>6s}  note")
+    low = {k: min(v) for k, v in times.items()}
+    print(f"  {'method':7s} {'trainable':>11s} {'median ms':>9s} {'min ms':>9s} {'max ms':>9s}  {'/bound':>6s} "
+          f"{'(min/min)':>9s}  note")
     for c in comps:
-        print(f"  {c.name:7s} {c.trainable:11,d} {fmt_ms(med[c.name])} {fmt_ms(min(times[c.name]))} "
-              f"{fmt_ms(max(times[c.name]))}  {med[c.name] / med['bound']:6.3f}  {c.note}")
+        print(f"  {c.name:7s} {c.trainable:11,d} {fmt_ms(med[c.name])} {fmt_ms(low[c.name])} "
+              f"{fmt_ms(max(times[c.name]))}  {med[c.name] / med['bound']:6.3f} {low[c.name] / low['bound']:9.3f}  "
+              f"{c.note}")
+    spread = max(max(v) / min(v) for v in times.values())
+    if spread > 1.5:
+        print(f"  WARNING: step times vary {spread:.1f}x within one method: the machine is busy (load average "
+              f"{os.getloadavg()[0]:.1f}), so medians are unreliable; rerun when it is idle")
     lora_mismatch = by["lora"].trainable / by["s2ft"].trainable - 1
     print(f"  trainable counts: s2ft {by['s2ft'].trainable:,d}, LoRA {by['lora'].trainable:,d} "
           f"({100 * lora_mismatch:+.1f} %)")
@@ -431,8 +438,8 @@ def main() -> int:
             "quick": args.quick, "torch": torch.__version__, "threads": args.threads,
             "machine": platform.machine(), "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
             "workloads": {k: asdict(v) for k, v in loads.items()}, "lr": LR, "trainable_fraction": TRAINABLE_FRACTION,
-            "speed_A": {"median_s": med, "steps_s": times, "warmup": warmup, "methods": methods,
-                        "lora_count_mismatch": lora_mismatch},
+            "speed_A": {"median_s": med, "min_s": low, "max_spread": spread, "steps_s": times, "warmup": warmup,
+                        "methods": methods, "lora_count_mismatch": lora_mismatch},
             "memory_B": mem, "switch_A": switch, "switch_B": switch_b,
             "ratios": {**{f"speed_{k}": v for k, v in speed.items()}, **{f"memory_{k}": v for k, v in memory.items()},
                        "switch_speedup": switch["speedup"]},
