@@ -315,8 +315,7 @@ class SparsifyPartitioner(CustomPartitionerFn):
             return fw, bw
         passes = [(name, REWRITES[name]) for name in self.opts.rewrites]
         try:
-            fw2 = torch.fx.GraphModule(fw, _copy_graph(fw.graph))
-            bw2 = torch.fx.GraphModule(bw, _copy_graph(bw.graph))
+            fw2, bw2 = _copy_module(fw), _copy_module(bw)
             traced = TracedGraph.from_aot(fw2, self.infos, num_user_outputs=num_fwd)
             placeholders = [n for n in fw2.graph.nodes if n.op == "placeholder"]
             infos = [traced.inputs.get(p.name, InputInfo("input")) for p in placeholders]
@@ -354,6 +353,14 @@ class SparsifyPartitioner(CustomPartitionerFn):
         return h.hexdigest()
 
 
+def _copy_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule with a copy of the graph and the same attributes (tensors are shared, not copied:
+    a deepcopy would copy weights, and fails on the fake tensors some graphs hold)."""
+    new = torch.fx.GraphModule(gm, _copy_graph(gm.graph))
+    new.meta.update(gm.meta)
+    return new
+
+
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     # node metadata (fake values) is shared, not copied: the passes replace it, never mutate it
     return copy.deepcopy(graph)
@@ -388,7 +395,7 @@ def _make_inner(opts: BackendOptions, rec: GraphRecord, family: str, dumper: Dum
         ours = any(isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "sparsify"
                    for n in gm.graph.nodes if n.op == "call_function")
         # only graphs we may edit here (kernel swaps, inlining) need a copy to fall back to
-        original = copy.deepcopy(gm) if ours and opts.fallback and lower_with_inductor is not None else None
+        original = _copy_module(gm) if ours and opts.fallback and lower_with_inductor is not None else None
         if registered(family):  # the registry decides; "aten" has no entries unless a module adds some
             try:
                 before = graph_text(gm) if dumper is not None else ""
@@ -517,7 +524,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[object], opts: B
         patches.update(list_mode_options(mode))
     patches["custom_partitioner_fn"] = partitioner
     # compile_fx may mutate the graph it is given: keep the original for a plain-Inductor retry
-    pristine = copy.deepcopy(gm) if opts.fallback else None
+    pristine = _copy_module(gm) if opts.fallback else None
     try:
         compiled = compile_fx(gm, example_inputs, inner_compile=_make_inner(opts, rec, family, dumper),
                               config_patches=patches)

@@ -326,6 +326,7 @@ def test_s2ft_llama_inference_with_triton_kernels_and_dump(tmp_path):
         assert_equivalent(model, compiled, {"input_ids": IDS}, grads=False)
     swaps = [s for r in records for s in r.swaps]
     assert swaps and all(s.startswith("inference ") and "_triton" in s for s in swaps)
+    assert not any(r.fallbacks for r in records)
     gdir = tmp_path / json.loads((tmp_path / "index.json").read_text())["graphs"][0]["dir"]
     assert (gdir / "kernels" / "delta_gemm.py").read_text().count("@triton.jit") >= 1  # the Triton source used
     assert "s2ft_linear_triton" in (gdir / "inference.inductor.py").read_text()
