@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -72,6 +72,7 @@ class _Common:
       ``s(t) * dW_dense`` with ``s(t) = pgf_start * max(0, 1 - t / pgf_decay_steps)``; kept weights get ``dW_dense``.
       ``pgf_decay_steps=0`` (default) disables it: pruned weights get exactly zero gradient. The mask never
       changes, and the forward always uses ``W ∘ M``, so regrown values have no effect until exported/merged.
+      Under torch.compile the factor is a constant of the graph: expect one recompile per step during the decay.
     """
 
     include: Sequence[str] | None = None
@@ -613,10 +614,3 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             else:
                 _set_submodule(model, fqn, _wrap(mod, mk, pattern))
     return model
-
-
-def describe_config(cfg: NMConfig | BlockConfig) -> dict[str, Any]:
-    """JSON-able view of a config (calibration left out)."""
-    d = asdict(cfg)
-    d.pop("calibration", None)
-    return d

@@ -528,3 +528,19 @@ def test_gpt2_conv1d_layers(tmp_path):
         assert isinstance(got, MaskedConv1D)
         assert torch.equal(got.mask, mod.mask) and torch.equal(got.weight, mod.weight * mod.mask)
     torch.testing.assert_close(fresh(ids).logits, y.detach(), rtol=0, atol=0)
+
+
+def test_compiled_training_matches_eager():
+    torch._dynamo.reset()
+    model = _mlp()
+    sparsify(model, NMConfig(progress=False))
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="sparsify")
+    for step in range(2):
+        x = torch.randn(5, 16, generator=torch.Generator().manual_seed(step))
+        compiled(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+            p.grad = q.grad = None
+    torch._dynamo.reset()
