@@ -1,0 +1,861 @@
+"""Structured pruning of coupled groups: remove whole heads, FFN channels or conv channels.
+
+``prune(model, example_inputs, PruneConfig(...))`` analyses the model's coupled structures
+(:func:`sparsify_fx.analyze`), scores the units of each group, and removes the lowest-scoring ones
+from *every* member of the group at once, so the result is a physically smaller model of the same
+module types that computes what the original computes with those units' contributions cut.
+
+Grouped-query attention: a ``kv_heads`` group removes kv heads together with all their query
+heads. The ``attention_heads`` group of a GQA layer holds the query heads *within* a kv group, with
+one shared unit index across all kv groups, so pruning it removes the same query-head slot from
+every kv group: every kv head keeps the same number of query heads and the model stays a valid GQA
+model. A float ratio prunes ``attention_heads`` (query heads) only; name ``kv_heads`` to remove kv
+heads.
+
+The pass plans everything (scores, kept indices, new tensors, attribute updates) before it writes
+anything; writes go through a journal that is rolled back if anything fails, including the final
+check that the pruned model runs and matches the original with the removed contributions zeroed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
+from sparsify_fx.errors import ConfigError, SparsifyError
+
+log = logging.getLogger("sparsify_fx")
+
+KINDS = ("attention_heads", "kv_heads", "head_dim", "ffn_channels", "conv_channels", "channels", "hidden")
+# what a single float ratio prunes (hidden only with prune_hidden=True; kv_heads only when named)
+DEFAULT_KINDS = ("attention_heads", "ffn_channels", "conv_channels", "channels")
+Score = Literal["magnitude", "activation", "taylor", "random"]
+
+
+@dataclass
+class PruneConfig:
+    """What to remove and how units are ranked.
+
+    - ``ratio``: fraction of units removed, one float for every prunable kind present
+      (attention_heads, ffn_channels, conv_channels, channels, and hidden when ``prune_hidden``), or
+      a dict per kind, e.g. ``{"attention_heads": 0.25, "ffn_channels": 0.25}``. Per group,
+      ``round(ratio * units)`` units go (half rounds up).
+    - ``scope``: ``"per_layer"`` removes that fraction from every group; ``"global"`` ranks all units
+      of a kind across groups (each group keeps at least ``keep_min``).
+    - ``score``: ``magnitude`` (product over the group's modules of each unit's weight norm, so a
+      unit whose consumer columns or norm affine are zero scores 0), ``activation`` (energy of each
+      unit's contribution at its consumers, ``sum_j |W[:, j]|^2 E[x_j^2]``, from one pass over
+      ``calibration``), ``taylor`` (``(sum gradient * weight)^2`` over the unit's consumer weights,
+      per batch, summed; loss from ``loss_fn(model, batch)`` or the model's ``.loss``), ``random``
+      (seeded control).
+    - ``bias_compensation``: FLAP-style, add the mean contribution of the removed units (measured on
+      ``calibration``) to each consumer's bias, creating the bias where the consumer has none.
+    - ``prune_hidden``: the residual stream (``hidden`` group) is pruned only when this is set, and
+      then in every layer consistently.
+    - ``verify``: after pruning, run ``example_inputs`` through the model and compare with the
+      original whose removed units were zeroed at their consumers (skipped for hidden, whose norms
+      change); on failure the model is restored and ``ConfigError`` raised.
+    """
+
+    ratio: float | Mapping[str, float] = 0.25
+    scope: Literal["per_layer", "global"] = "per_layer"
+    score: Score = "magnitude"
+    bias_compensation: bool = False
+    prune_hidden: bool = False
+    keep_min: int = 1
+    seed: int = 0
+    calibration: Iterable[Any] | None = field(default=None, repr=False)
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = field(default=None, repr=False)
+    verify: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.scope not in ("per_layer", "global"):
+            raise ConfigError(f"PruneConfig.scope must be 'per_layer' or 'global', got {self.scope!r}.")
+        if self.score not in ("magnitude", "activation", "taylor", "random"):
+            raise ConfigError(
+                f"PruneConfig.score must be magnitude, activation, taylor or random, got {self.score!r}."
+            )
+        if not isinstance(self.keep_min, int) or isinstance(self.keep_min, bool) or self.keep_min < 1:
+            raise ConfigError(f"PruneConfig.keep_min must be an int >= 1, got {self.keep_min!r}.")
+        ratios = self.ratio.values() if isinstance(self.ratio, Mapping) else [self.ratio]
+        for r in ratios:
+            if not isinstance(r, int | float) or isinstance(r, bool) or not (0 <= r < 1):
+                raise ConfigError(
+                    f"PruneConfig.ratio must be in [0, 1) (a ratio of 1 would remove every unit), got {r!r}."
+                )
+        if isinstance(self.ratio, Mapping):
+            unknown = [k for k in self.ratio if k not in KINDS]
+            if unknown:
+                raise ConfigError(f"PruneConfig.ratio names unknown kind(s) {unknown}; kinds are {list(KINDS)}.")
+            if "head_dim" in self.ratio:
+                raise ConfigError(
+                    "head_dim cannot be pruned: attention modules reshape q, k and v with one shared head "
+                    "size, and RoPE couples head_dim across layers; prune attention_heads instead."
+                )
+            if "hidden" in self.ratio and not self.prune_hidden:
+                raise ConfigError("ratio names 'hidden' but prune_hidden=False; set prune_hidden=True to prune it.")
+        needs_data = self.score == "activation" or self.bias_compensation
+        if needs_data and self.calibration is None:
+            what = "score='activation'" if self.score == "activation" else "bias_compensation=True"
+            raise ConfigError(f"{what} needs calibration batches: pass PruneConfig(calibration=[batch, ...]).")
+        if self.score == "taylor" and self.calibration is None and self.loss_fn is None:
+            raise ConfigError(
+                "score='taylor' needs a loss: pass loss_fn=lambda model, batch: ... and/or calibration batches "
+                "for which the model returns .loss (e.g. with labels)."
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+def _split(fqn: str) -> tuple[str, str]:
+    mod, _, attr = fqn.rpartition(".")
+    return mod, attr
+
+
+def _get(model: nn.Module, fqn: str) -> torch.Tensor:
+    mod_name, attr = _split(fqn)
+    mod = model.get_submodule(mod_name) if mod_name else model
+    t = getattr(mod, attr, None)
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"group member {fqn!r} is not a tensor of this model; was the report made on another model?")
+    return t
+
+
+def _unit_index(m: Member, units: int) -> torch.Tensor:
+    """[units, k]: the indices along ``m.dim`` that belong to each unit."""
+    cols = []
+    for occ in m.occurrences:
+        if occ.units != units:
+            raise ConfigError(f"member {m.fqn}[{m.dim}] has {occ.units} units where its group has {units}.")
+        for b in occ.offsets:
+            cols.append(b + torch.arange(units)[:, None] * occ.inner + torch.arange(occ.inner)[None, :])
+    return torch.cat(cols, dim=1)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, list | tuple):
+        return model(*batch)
+    return model(batch)
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        vals = list(out.values())
+    elif isinstance(out, list | tuple):
+        vals = list(out)
+    elif hasattr(out, "to_tuple"):
+        vals = list(out.to_tuple())
+    else:
+        return None
+    for v in vals:
+        t = _first_tensor(v)
+        if t is not None and t.is_floating_point():
+            return t
+    return None
+
+
+def _contracted_axis(mod: nn.Module, attr: str, dim: int) -> int | None:
+    """Axis of the module's input that weight dim ``dim`` contracts, or None if unknown."""
+    if attr != "weight":
+        return None
+    if isinstance(mod, nn.Linear) and dim == 1:
+        return -1
+    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and mod.groups == 1 and dim == 1:
+        return 1
+    if hasattr(mod, "nf") and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2 and dim == 0:
+        return -1  # transformers Conv1D: weight [in, out]
+    return None
+
+
+def _out_dim(mod: nn.Module) -> int | None:
+    """Weight dim that indexes the module's outputs (bias entries)."""
+    if isinstance(mod, nn.Linear):
+        return 0
+    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
+        return 0
+    if hasattr(mod, "nf"):
+        return 1
+    return None
+
+
+# ---------------------------------------------------------------------- plan
+@dataclass
+class _Consumer:
+    """A module that contracts a group's units (a member with role "in")."""
+
+    module: str
+    attr: str
+    axis: int  # input axis the units sit on
+    dim: int  # weight dim
+
+
+@dataclass
+class _GroupPlan:
+    group: Group
+    removed: list[int]
+    idx: dict[tuple[str, int], torch.Tensor]  # (fqn, dim) -> [units, k] indices
+
+
+@dataclass
+class _Stats:
+    """Per input feature of a consumer: sum of x, sum of x^2, count."""
+
+    s1: torch.Tensor
+    s2: torch.Tensor
+    n: int = 0
+
+
+def _collect_stats(model: nn.Module, consumers: dict[str, _Consumer], batches: list[Any], progress: bool
+                   ) -> dict[str, _Stats]:
+    stats: dict[str, _Stats] = {}
+
+    def hook(name: str, axis: int) -> Callable:
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().double()
+            x = x.movedim(axis, -1).reshape(-1, x.shape[axis])
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = _Stats(torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
+                                          torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
+            st.s1 += x.sum(0)
+            st.s2 += x.pow(2).sum(0)
+            st.n += x.shape[0]
+
+        return fn
+
+    handles = [model.get_submodule(c.module).register_forward_pre_hook(hook(c.module, c.axis))
+               for c in consumers.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="prune: calibration", disable=not progress, leave=False):
+                _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+def _member_modules(g: Group) -> dict[str, list[Member]]:
+    out: dict[str, list[Member]] = defaultdict(list)
+    for m in g.members:
+        if not m.is_buffer:
+            out[_split(m.fqn)[0]].append(m)
+    return out
+
+
+def _magnitude(model: nn.Module, g: Group, idx: Mapping[tuple[str, int], torch.Tensor]) -> torch.Tensor:
+    """log of the product over modules of each unit's weight norm in that module."""
+    logs = torch.zeros(g.num_units, dtype=torch.float64)
+    for _mod, mems in _member_modules(g).items():
+        sq = torch.zeros(g.num_units, dtype=torch.float64)
+        for m in mems:
+            t = _get(model, m.fqn).detach().double()
+            e = t.pow(2).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1)
+            sq += e[idx[(m.fqn, m.dim)]].sum(1).cpu()
+        logs += 0.5 * torch.log(sq.clamp_min(1e-300))
+    return logs
+
+
+def _activation(model: nn.Module, g: Group, idx: Mapping[tuple[str, int], torch.Tensor],
+                consumers: dict[str, _Consumer], stats: dict[str, _Stats]) -> torch.Tensor | None:
+    score = torch.zeros(g.num_units, dtype=torch.float64)
+    found = False
+    for m in g.members:
+        c = consumers.get(m.fqn)
+        if c is None or m.role != "in" or c.dim != m.dim or c.module not in stats:
+            continue
+        st = stats[c.module]
+        t = _get(model, m.fqn).detach().double()
+        col = t.pow(2).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1).cpu()
+        ex2 = (st.s2 / max(st.n, 1)).cpu()
+        score += (col * ex2)[idx[(m.fqn, m.dim)]].sum(1)
+        found = True
+    return score if found else None
+
+
+def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, example_inputs: Any
+            ) -> dict[str, torch.Tensor]:
+    """Per unit: sum over batches of (sum over the unit's consumer weights of grad * weight)^2."""
+    targets: dict[str, list[Member]] = {}
+    for p in plans:
+        mems = [m for m in p.group.members if m.role == "in" and not m.is_buffer]
+        targets[p.group.name] = mems or [m for m in p.group.members if not m.is_buffer]
+    params = {m.fqn: _get(model, m.fqn) for ms in targets.values() for m in ms}
+    saved = {n: (t.requires_grad, t.grad) for n, t in params.items()}
+    scores = {p.group.name: torch.zeros(p.group.num_units, dtype=torch.float64) for p in plans}
+    batches = list(cfg.calibration) if cfg.calibration is not None else [example_inputs]
+    if not batches:
+        raise ConfigError("score='taylor' got an empty calibration iterable; pass at least one batch.")
+    was_training = model.training
+    model.eval()
+    try:
+        for t in params.values():
+            t.requires_grad_(True)
+        for batch in tqdm(batches, desc="prune: calibration (taylor)", disable=not cfg.progress, leave=False):
+            for t in params.values():
+                t.grad = None
+            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else _call(model, batch)
+            loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
+            if loss is None or loss.dim() != 0:
+                raise ConfigError(
+                    "score='taylor' needs a scalar loss: pass loss_fn=lambda model, batch: ... or calibration "
+                    "batches for which the model returns .loss (e.g. with labels)."
+                )
+            loss.backward()
+            for p in plans:
+                s = torch.zeros(p.group.num_units, dtype=torch.float64)
+                for m in targets[p.group.name]:
+                    t = params[m.fqn]
+                    if t.grad is None:
+                        continue
+                    gw = (t.grad.detach().double() * t.detach().double())
+                    gw = gw.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1).cpu()
+                    s += gw[p.idx[(m.fqn, m.dim)]].sum(1)
+                scores[p.group.name] += s.pow(2)
+    finally:
+        for n, t in params.items():
+            t.requires_grad_(saved[n][0])
+            t.grad = saved[n][1]
+        model.train(was_training)
+    return scores
+
+
+def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> dict[str, float]:
+    present = {g.kind for g in report.groups}
+    if isinstance(cfg.ratio, Mapping):
+        absent = [k for k in cfg.ratio if k not in present]
+        if absent:
+            raise ConfigError(
+                f"ratio names kind(s) {absent} that this model does not have; its groups are of kinds "
+                f"{sorted(present)} (see sparsify_fx.analyze(model, inputs).summary())."
+            )
+        ratios = dict(cfg.ratio)
+    else:
+        kinds = [k for k in DEFAULT_KINDS if k in present]
+        if cfg.prune_hidden:
+            if "hidden" not in present:
+                raise ConfigError("prune_hidden=True but this model has no unpinned hidden group to prune.")
+            kinds.append("hidden")
+        if not kinds:
+            raise ConfigError(f"this model has no prunable groups (kinds present: {sorted(present)}).")
+        ratios = dict.fromkeys(kinds, float(cfg.ratio))
+    if cfg.prune_hidden and "hidden" not in ratios:
+        raise ConfigError("prune_hidden=True but ratio has no 'hidden' entry; add one or use a float ratio.")
+    return ratios
+
+
+def _n_remove(ratio: float, units: int) -> int:
+    return int(math.floor(ratio * units + 0.5))
+
+
+def _select(plans: list[_GroupPlan], scores: dict[str, torch.Tensor], ratios: dict[str, float],
+            cfg: PruneConfig) -> None:
+    by_kind: dict[str, list[_GroupPlan]] = defaultdict(list)
+    for p in plans:
+        by_kind[p.group.kind].append(p)
+    for kind, ps in by_kind.items():
+        r = ratios[kind]
+        if cfg.scope == "per_layer":
+            for p in ps:
+                n = _n_remove(r, p.group.num_units)
+                if p.group.num_units - n < cfg.keep_min:
+                    raise ConfigError(
+                        f"group {p.group.name!r} has {p.group.num_units} units; ratio {r} would remove {n} and "
+                        f"leave fewer than keep_min={cfg.keep_min}. Lower the ratio for {kind!r}."
+                    )
+                order = torch.argsort(scores[p.group.name], stable=True)
+                p.removed = sorted(order[:n].tolist())
+        else:
+            pool = []
+            for gi, p in enumerate(ps):
+                for u, s in enumerate(scores[p.group.name].tolist()):
+                    pool.append((s, gi, u))
+            pool.sort()
+            n = _n_remove(r, len(pool))
+            left = [p.group.num_units for p in ps]
+            chosen: list[list[int]] = [[] for _ in ps]
+            for _s, gi, u in pool:
+                if n == 0:
+                    break
+                if left[gi] - 1 < cfg.keep_min:
+                    continue
+                left[gi] -= 1
+                chosen[gi].append(u)
+                n -= 1
+            if n > 0 and r > 0:
+                raise ConfigError(
+                    f"global ratio {r} for {kind!r} cannot be met while every group keeps keep_min={cfg.keep_min} "
+                    "units; lower the ratio or keep_min."
+                )
+            for p, c in zip(ps, chosen):
+                p.removed = sorted(c)
+
+
+# ---------------------------------------------------------------------- attribute discovery
+_HIDDEN_NAMES = ("hidden_size", "n_embd", "n_embed", "d_model", "embed_dim", "hidden_dim", "dim")
+
+
+def _category(name: str) -> str | None:
+    """What a stored integer counts, judged by its name (generic conventions, no model names)."""
+    n = name.lower()
+    kv = "key_value" in n or re.search(r"(^|_)kv(_|$)", n) is not None
+    if kv and ("group" in n or "per_kv" in n):
+        return "groups"
+    if "per_kv" in n or "queries_per" in n:
+        return "groups"
+    if kv and "head" in n and "dim" not in n and "size" not in n:
+        return "kv_heads"
+    if kv and ("dim" in n or "size" in n) and "head_dim" not in n:
+        return "kv_space"
+    if "head" in n and "dim" not in n and "size" not in n:
+        return "heads"
+    if "all_head_size" in n or "split_size" in n or n in ("embed_dim", "inner_dim", "proj_size", "attn_dim"):
+        return "head_space"
+    if any(k in n for k in ("intermediate", "ffn", "feedforward", "feed_forward", "n_inner", "mlp_dim")):
+        return "ffn"
+    if n in _HIDDEN_NAMES:
+        return "hidden"
+    return None
+
+
+@dataclass
+class _AttrUpdate:
+    obj: Any
+    name: str
+    old: int
+    new: int
+    where: str
+
+
+def _quantities(plans: list[_GroupPlan], report: CouplingReport) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per owner module prefix: category -> (old count, new count)."""
+    by_name = {p.group.name: p for p in plans}
+    q: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    attn_done: set[str] = set()
+    for p in plans:
+        g = p.group
+        new = g.num_units - len(p.removed)
+        if g.kind in ("attention_heads", "kv_heads"):
+            if g.kind == "attention_heads" and g.kv_group is None:  # multi-head: one space for q, k, v
+                d = g.unit_size
+                has_kv = any(t in m.tags for m in g.members for t in ("k", "v"))
+                q[g.prefix]["heads"] = (g.num_units, new)
+                q[g.prefix]["head_space"] = (g.num_units * d, new * d)
+                if has_kv:
+                    q[g.prefix]["kv_heads"] = (g.num_units, new)
+                    q[g.prefix]["kv_space"] = (g.num_units * d, new * d)
+                continue
+            kvg = g if g.kind == "kv_heads" else (by_name[g.kv_group].group if g.kv_group in by_name else None)
+            if kvg is None:
+                try:
+                    kvg = report.group(g.kv_group)  # type: ignore[arg-type]
+                except KeyError:
+                    continue
+            if kvg.name in attn_done:
+                continue
+            attn_done.add(kvg.name)
+            inner = next((x for x in report.groups if x.kv_group == kvg.name), None)
+            k_old, gsz = kvg.num_units, kvg.group_size or 1
+            k_new = k_old - len(by_name[kvg.name].removed) if kvg.name in by_name else k_old
+            g_new = gsz
+            if inner is not None and inner.name in by_name:
+                g_new = gsz - len(by_name[inner.name].removed)
+            d = kvg.unit_size
+            qq = q[kvg.prefix]
+            qq["heads"] = (k_old * gsz, k_new * g_new)
+            qq["kv_heads"] = (k_old, k_new)
+            qq["groups"] = (gsz, g_new)
+            qq["head_space"] = (k_old * gsz * d, k_new * g_new * d)
+            qq["kv_space"] = (k_old * d, k_new * d)
+        elif g.kind == "ffn_channels":
+            q[g.prefix]["ffn"] = (g.num_units, new)
+        elif g.kind == "hidden":
+            q[""]["hidden"] = (g.num_units, new)
+    return q
+
+
+def _int_attrs(obj: Any) -> list[tuple[str, int]]:
+    return [(k, v) for k, v in vars(obj).items() if type(v) is int and not k.startswith("_")]
+
+
+def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingReport) -> list[_AttrUpdate]:
+    q = _quantities(plans, report)
+    ups: list[_AttrUpdate] = []
+    head_owners = {p for p, c in q.items() if "heads" in c}
+    config_cats = ("heads", "kv_heads", "ffn", "hidden")
+    # module attributes: on the module owning the group and its submodules
+    for prefix, cats in q.items():
+        if prefix == "":
+            continue
+        owner = model.get_submodule(prefix)
+        for sub_name, sub in owner.named_modules():
+            for k, v in _int_attrs(sub):
+                cat = _category(k)
+                if cat in cats and cat not in ("hidden",):
+                    old, new = cats[cat]
+                    if v == old and old != new:
+                        ups.append(_AttrUpdate(sub, k, v, new, f"{prefix}.{sub_name}".rstrip(".")))
+    if "" in q and "hidden" in q[""]:
+        old, new = q[""]["hidden"]
+        for name, mod in model.named_modules():
+            if any(name == h or name.startswith(h + ".") for h in head_owners):
+                continue  # there embed_dim-like names may mean the head space
+            for k, v in _int_attrs(mod):
+                if _category(k) == "hidden" and k != "dim" and v == old and old != new:
+                    ups.append(_AttrUpdate(mod, k, v, new, name))
+    # per-model configs: only where every owner agrees on the new value
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
+    for cfg in configs.values():
+        for k, v in _int_attrs(cfg):
+            cat = _category(k)
+            if cat not in config_cats:
+                continue
+            news = {cats[cat][1] for cats in q.values() if cat in cats and cats[cat][0] == v}
+            if not news:
+                continue
+            if len(news) > 1:
+                warnings.warn(
+                    f"config.{k}={v}: layers were pruned to different sizes {sorted(news)}; the config keeps the "
+                    "original value and no longer describes every layer (save the pruned model's state_dict "
+                    "with its module structure, not via the config).",
+                    stacklevel=3,
+                )
+                continue
+            (new,) = news
+            if new != v:
+                ups.append(_AttrUpdate(cfg, k, v, new, "config"))
+    return ups
+
+
+# ---------------------------------------------------------------------- journaled writes
+class _Journal:
+    """Records every write so a failure can restore the exact previous objects."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def set_tensor(self, mod: nn.Module, name: str, value: torch.Tensor | None) -> None:
+        table = mod._buffers if name in mod._buffers else mod._parameters
+        had = name in table
+        old = table.get(name)
+        table[name] = value  # type: ignore[assignment]
+        self._undo.append(lambda: table.__setitem__(name, old) if had else table.pop(name, None))
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        self._undo.append(lambda: setattr(obj, name, old))
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _module_fields(j: _Journal, mod: nn.Module) -> None:
+    """Keep the size fields of standard module types in step with their new weights."""
+    w = mod._parameters.get("weight")
+    if isinstance(mod, nn.Linear) and w is not None:
+        j.set_attr(mod, "out_features", w.shape[0])
+        j.set_attr(mod, "in_features", w.shape[1])
+    elif isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
+        a, b = (w.shape[1], w.shape[0]) if mod.transposed else (w.shape[0], w.shape[1])
+        if mod.groups > 1 and b == 1 and not mod.transposed:  # depthwise: groups follow the channels
+            j.set_attr(mod, "groups", a)
+        j.set_attr(mod, "out_channels", a if not mod.transposed else a * mod.groups)
+        j.set_attr(mod, "in_channels", b * mod.groups if not mod.transposed else w.shape[0])
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        ref = w if w is not None else mod._buffers.get("running_mean")
+        if ref is not None:
+            j.set_attr(mod, "num_features", ref.shape[0])
+    elif isinstance(mod, nn.GroupNorm) and w is not None:
+        j.set_attr(mod, "num_channels", w.shape[0])
+    elif isinstance(mod, nn.Embedding) and w is not None:
+        j.set_attr(mod, "num_embeddings", w.shape[0])
+        j.set_attr(mod, "embedding_dim", w.shape[1])
+    elif hasattr(mod, "nf") and w is not None and w.dim() == 2:
+        j.set_attr(mod, "nf", w.shape[1])
+        if hasattr(mod, "nx"):
+            j.set_attr(mod, "nx", w.shape[0])
+    if w is not None and isinstance(getattr(mod, "normalized_shape", None), tuple):
+        j.set_attr(mod, "normalized_shape", tuple(w.shape[-len(mod.normalized_shape):]))
+
+
+def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    out: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for _name, mod in model.named_modules(remove_duplicate=False):
+        for k, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None and all(not (m is mod and n == k) for m, n in out[id(t)]):
+                out[id(t)].append((mod, k))
+    return out
+
+
+# ---------------------------------------------------------------------- the pass
+def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = None) -> nn.Module:
+    """Remove the lowest-scoring units of each coupled group from ``model``, in place.
+
+    Weights, biases, norm parameters and buffers of every member shrink together; module size
+    fields (``in_features``, ``nf``, ``out_channels``, ``num_features``, ``normalized_shape``, ...)
+    and stored counts (integer attributes on the group's owning module and on the model config
+    whose name says what they count and whose value equals the old count, e.g. ``num_heads``,
+    ``num_key_value_groups``, ``split_size``, ``intermediate_size``) follow. Returns the model.
+
+    Everything is planned before the first write; on any error the model is restored exactly.
+    """
+    cfg = config if config is not None else PruneConfig()
+    cfg.validate()
+    report = analyze(model, example_inputs)
+    ratios = _resolve_ratios(report, cfg)
+    groups = [g for g in report.groups if g.kind in ratios]
+
+    # ---- indices of every unit in every member
+    plans: list[_GroupPlan] = []
+    for g in groups:
+        idx = {}
+        for m in g.members:
+            t = _get(model, m.fqn)
+            if t.dim() <= m.dim or t.shape[m.dim] != m.size:
+                raise ConfigError(f"{m.fqn} has shape {tuple(t.shape)}, group {g.name!r} expects {m.size} at dim {m.dim}.")
+            idx[(m.fqn, m.dim)] = _unit_index(m, g.num_units)
+        plans.append(_GroupPlan(g, [], idx))
+
+    # ---- consumers and calibration statistics
+    consumers: dict[str, _Consumer] = {}
+    for g in groups:
+        for m in g.members:
+            if m.role != "in" or m.is_buffer:
+                continue
+            mod_name, attr = _split(m.fqn)
+            axis = _contracted_axis(model.get_submodule(mod_name), attr, m.dim)
+            if axis is not None:
+                consumers[m.fqn] = _Consumer(mod_name, attr, axis, m.dim)
+    stats: dict[str, _Stats] = {}
+    if cfg.score == "activation" or cfg.bias_compensation:
+        batches = list(cfg.calibration or [])
+        if not batches:
+            raise ConfigError("the calibration iterable is empty; pass at least one batch.")
+        by_module = {c.module: c for c in consumers.values()}
+        stats = _collect_stats(model, by_module, batches, cfg.progress)
+
+    # ---- scores (higher = keep)
+    scores: dict[str, torch.Tensor] = {}
+    if cfg.score == "taylor":
+        scores = _taylor(model, plans, cfg, example_inputs)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for p in plans:
+        g = p.group
+        if cfg.score == "random":
+            scores[g.name] = torch.rand(g.num_units, generator=gen, dtype=torch.float64)
+        elif cfg.score == "magnitude":
+            scores[g.name] = _magnitude(model, g, p.idx)
+        elif cfg.score == "activation":
+            s = _activation(model, g, p.idx, consumers, stats)
+            if s is None:
+                log.warning("prune: group %s has no hooked consumer; ranking it by magnitude", g.name)
+                s = _magnitude(model, g, p.idx).exp()
+            scores[g.name] = s
+    _select(plans, scores, ratios, cfg)
+    active = [p for p in plans if p.removed]
+    if not active:
+        return model
+
+    # ---- keep masks per tensor dim, in original coordinates
+    aliases = _aliases(model)
+    tensors: dict[int, torch.Tensor] = {}
+    masks: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
+    for p in active:
+        rem = torch.tensor(p.removed, dtype=torch.long)
+        for m in p.group.members:
+            t = _get(model, m.fqn)
+            tensors[id(t)] = t
+            mk = masks[id(t)].setdefault(m.dim, torch.ones(t.shape[m.dim], dtype=torch.bool))
+            mk[p.idx[(m.fqn, m.dim)][rem].reshape(-1)] = False
+    _check_structure(model, masks, aliases)
+
+    # ---- bias compensation: mean contribution of removed inputs, per consumer
+    deltas: dict[str, torch.Tensor] = {}  # consumer module -> delta over its (original) outputs
+    if cfg.bias_compensation:
+        for p in active:
+            if p.group.kind == "hidden":
+                continue  # norms rescale the stream; a constant offset is not the removed contribution
+            rem = torch.tensor(p.removed, dtype=torch.long)
+            for m in p.group.members:
+                c = consumers.get(m.fqn)
+                if c is None or c.dim != m.dim or c.module not in stats or c.attr != "weight":
+                    continue
+                mod = model.get_submodule(c.module)
+                if _out_dim(mod) is None:
+                    continue
+                st = stats[c.module]
+                mean = (st.s1 / max(st.n, 1))
+                cols = p.idx[(m.fqn, m.dim)][rem].reshape(-1).to(mean.device)
+                w = mod.weight.detach().double()
+                sel = w.index_select(m.dim, cols.to(w.device))
+                mu = mean[cols].to(w.device)
+                shape = [1] * w.dim()
+                shape[m.dim] = -1
+                contrib = (sel * mu.view(shape))
+                od = _out_dim(mod)
+                contrib = contrib.movedim(od, 0).reshape(w.shape[od], -1).sum(1)  # type: ignore[arg-type]
+                deltas[c.module] = deltas.get(c.module, 0) + contrib  # type: ignore[operator]
+
+    # ---- new tensors (nothing written yet)
+    new_tensors: dict[int, torch.Tensor] = {}
+    bias_of = {id(model.get_submodule(mn)._parameters.get("bias")): mn for mn in deltas
+               if model.get_submodule(mn)._parameters.get("bias") is not None}
+    for tid, t in tensors.items():
+        base = t.detach()
+        if tid in bias_of:
+            base = base + deltas[bias_of[tid]].to(base.dtype)
+        for dim, mk in masks[tid].items():
+            base = base.index_select(dim, mk.nonzero().flatten().to(base.device))
+        new_tensors[tid] = base.clone()
+    created: dict[str, torch.Tensor] = {}
+    for mn, d in deltas.items():
+        mod = model.get_submodule(mn)
+        if mod._parameters.get("bias") is not None:
+            continue
+        od = _out_dim(mod)
+        b = d.to(mod.weight.dtype).to(mod.weight.device)
+        mk = masks.get(id(mod.weight), {}).get(od)  # type: ignore[arg-type]
+        if mk is not None:
+            b = b[mk.to(b.device)]
+        created[mn] = b.clone()
+    attr_updates = _attr_updates(model, active, report)
+
+    # ---- reference for the check: the original with removed units cut at their consumers
+    checkable = cfg.verify and all(p.group.kind != "hidden" for p in active)
+    ref_out = None
+    was_training = model.training
+    if cfg.verify:
+        model.eval()
+    try:
+        if checkable:
+            ref_out = _ablated_output(model, example_inputs, active, aliases, deltas)
+            if ref_out is None:
+                checkable = False
+        # ---- write
+        j = _Journal()
+        try:
+            touched: dict[int, nn.Module] = {}
+            for tid, nt in new_tensors.items():
+                old = tensors[tid]
+                new_obj = nn.Parameter(nt, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else nt
+                for mod, name in aliases[tid]:  # tied tensors stay tied: one new object for every alias
+                    j.set_tensor(mod, name, new_obj)
+                    touched[id(mod)] = mod
+            for mn, b in created.items():
+                mod = model.get_submodule(mn)
+                j.set_tensor(mod, "bias", nn.Parameter(b, requires_grad=mod.weight.requires_grad))
+            for mod in touched.values():
+                _module_fields(j, mod)
+            for u in attr_updates:
+                j.set_attr(u.obj, u.name, u.new)
+            if cfg.verify:
+                _verify(model, example_inputs, ref_out if checkable else None, attr_updates)
+        except BaseException as e:
+            j.rollback()
+            if isinstance(e, SparsifyError):
+                raise
+            if isinstance(e, Exception):
+                raise ConfigError(
+                    f"the pruned model failed to run ({type(e).__name__}: {e}); the model was restored. It "
+                    "probably stores a size the pass could not find; report the module and attribute."
+                ) from e
+            raise
+    finally:
+        model.train(was_training)
+    for p in active:
+        log.info("prune: %s removed %d of %d units", p.group.name, len(p.removed), p.group.num_units)
+    return model
+
+
+def _check_structure(model: nn.Module, masks: dict[int, dict[int, torch.Tensor]],
+                     aliases: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    for tid, dims in masks.items():
+        for mod, name in aliases[tid]:
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and name == "weight":
+                depthwise = mod.weight.shape[1] == 1 and not mod.transposed
+                if not depthwise:
+                    raise ConfigError(
+                        f"{type(mod).__name__} with groups={mod.groups} cannot lose channels unevenly; exclude its "
+                        "group (ratio 0 for conv_channels) or use groups=1/depthwise convolutions."
+                    )
+            if isinstance(mod, nn.GroupNorm) and name == "weight":
+                kept = int(dims[0].sum())
+                if kept % mod.num_groups:
+                    raise ConfigError(
+                        f"GroupNorm with {mod.num_groups} groups cannot keep {kept} channels; choose a ratio "
+                        f"that leaves a multiple of {mod.num_groups}."
+                    )
+
+
+def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPlan],
+                    aliases: dict[int, list[tuple[nn.Module, str]]], deltas: dict[str, torch.Tensor]
+                    ) -> torch.Tensor | None:
+    """Output of the original with removed units zeroed at their consumers (and compensated)."""
+    j = _Journal()
+    try:
+        zeroed: dict[int, torch.Tensor] = {}
+        for p in active:
+            ins = [m for m in p.group.members if m.role == "in" and not m.is_buffer]
+            if not ins:
+                return None
+            rem = torch.tensor(p.removed, dtype=torch.long)
+            for m in ins:
+                t = _get(model, m.fqn)
+                z = zeroed.get(id(t))
+                if z is None:
+                    z = zeroed[id(t)] = t.detach().clone()
+                cols = p.idx[(m.fqn, m.dim)][rem].reshape(-1).to(z.device)
+                z.index_fill_(m.dim, cols, 0)
+        for tid, z in zeroed.items():
+            obj = nn.Parameter(z, requires_grad=False)
+            for mod, name in aliases[tid]:
+                j.set_tensor(mod, name, obj)
+        for mn, d in deltas.items():
+            mod = model.get_submodule(mn)
+            b = mod._parameters.get("bias")
+            nb = (b.detach() if b is not None else torch.zeros_like(d, dtype=mod.weight.dtype)) + d.to(mod.weight.dtype)
+            j.set_tensor(mod, "bias", nn.Parameter(nb.to(mod.weight.device), requires_grad=False))
+        with torch.no_grad():
+            out = _first_tensor(_call(model, example_inputs))
+        return None if out is None else out.detach().clone()
+    finally:
+        j.rollback()
+
+
+def _verify(model: nn.Module, example_inputs: Any, ref: torch.Tensor | None, ups: list[_AttrUpdate]) -> None:
+    with torch.no_grad():
+        out = _first_tensor(_call(model, example_inputs))
+    if ref is None or out is None:
+        return
+    if out.shape != ref.shape:
+        raise ConfigError(f"pruned model output has shape {tuple(out.shape)}, expected {tuple(ref.shape)}; model restored.")
+    tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 3e-2
+    err = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    if not err <= tol:
+        changed = ", ".join(f"{u.where}.{u.name} {u.old}->{u.new}" for u in ups) or "none"
+        raise ConfigError(
+            f"pruned model differs from the original with the removed units zeroed (rel err {err:.2e} > {tol}); "
+            f"the model was restored. Updated counts: {changed}. A stored size the pass could not identify is "
+            "the likely cause."
+        )
