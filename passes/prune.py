@@ -633,7 +633,9 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         for m in g.members:
             t = _get(model, m.fqn)
             if t.dim() <= m.dim or t.shape[m.dim] != m.size:
-                raise ConfigError(f"{m.fqn} has shape {tuple(t.shape)}, group {g.name!r} expects {m.size} at dim {m.dim}.")
+                raise ConfigError(
+                    f"{m.fqn} has shape {tuple(t.shape)}, group {g.name!r} expects {m.size} at dim {m.dim}."
+                )
             idx[(m.fqn, m.dim)] = _unit_index(m, g.num_units)
         plans.append(_GroupPlan(g, [], idx))
 
@@ -849,7 +851,9 @@ def _verify(model: nn.Module, example_inputs: Any, ref: torch.Tensor | None, ups
     if ref is None or out is None:
         return
     if out.shape != ref.shape:
-        raise ConfigError(f"pruned model output has shape {tuple(out.shape)}, expected {tuple(ref.shape)}; model restored.")
+        raise ConfigError(
+            f"pruned model output has shape {tuple(out.shape)}, expected {tuple(ref.shape)}; model restored."
+        )
     tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 3e-2
     err = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
     if not err <= tol:
