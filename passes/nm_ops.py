@@ -80,7 +80,12 @@ def compact_cached(weight: Tensor, mask: Tensor, tag: tuple, build: Callable[[],
 
 def masked_linear_reference(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` on the masked weight (what every op computes)."""
-    return F.linear(x, weight * mask.to(weight.dtype), bias)
+    return F.linear(x, _apply(weight, mask), bias)
+
+
+def _apply(weight: Tensor, mask: Tensor) -> Tensor:
+    # a bool mask promotes inside the multiply's loop: no materialised float copy of the mask (half the time)
+    return weight * (mask if mask.dtype == torch.bool else mask.to(weight.dtype))
 
 
 def _forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
@@ -103,14 +108,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y: Tensor):
     x, weight, mask, = ctx.saved_tensors
-    wm = weight * mask.to(weight.dtype)
+    wm = _apply(weight, mask)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = grad_y @ wm.to(grad_y.dtype)
     if ctx.needs_input_grad[1]:
         g = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_y.dtype)
         keep = mask.to(torch.bool)
-        grad_w = torch.where(keep, g, g * ctx.scale) if ctx.scale != 0.0 else g * keep.to(g.dtype)
+        grad_w = torch.where(keep, g, g * ctx.scale) if ctx.scale != 0.0 else g * keep
         grad_w = grad_w.to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
