@@ -544,3 +544,22 @@ def test_compiled_training_matches_eager():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
             p.grad = q.grad = None
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("config", [NMConfig(n=2, m=4, progress=False),
+                                    BlockConfig(block=(8, 8), density=0.5, progress=False)])
+def test_bf16_model_equals_dense_on_masked_weights(config):
+    original = _mlp().to(torch.bfloat16)
+    sparse = copy.deepcopy(original)
+    sparsify(sparse, config)
+    dense = _dense_twin(original, sparse)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    y, y_ref = sparse(x), dense(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # same bf16 GEMM on the same (already zeroed) weights
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
+    for name, mod in _masked(sparse).items():
+        assert bool((mod.weight.grad[~mod.mask] == 0).all())
+        ref = dense.get_submodule(name).weight.grad * mod.mask
+        torch.testing.assert_close(mod.weight.grad, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())

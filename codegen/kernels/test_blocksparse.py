@@ -112,3 +112,16 @@ def test_twin_caches_bsr_until_mask_changes(monkeypatch):
     y = op(x, w, other, b, 8, 8, 0.0)
     assert len(calls) == 2
     torch.testing.assert_close(y, x @ (w * other).t() + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_shapes(dtype):
+    g = torch.Generator().manual_seed(2024)
+    for _ in range(6):
+        T, out, in_ = (int(v) for v in torch.randint(1, 50, (3,), generator=g))
+        block = tuple(int(v) for v in torch.randint(1, 20, (2,), generator=g))
+        density = float(torch.rand(1, generator=g)) * 0.9 + 0.1
+        x, w, mask, b = _problem((T, out, in_, block, density), dtype, seed=T + out * in_)
+        values, crow, col = to_bsr(w, mask, block)
+        y = K.blocksparse_matmul(x, values, crow, col, (out, in_), b)
+        _close(y, x.float() @ (w.float() * mask).t() + b.float(), dtype)

@@ -114,3 +114,16 @@ def test_twin_caches_compact_weight_until_it_changes(monkeypatch):
     op(x, wt.t(), mt.t(), b, 2, 4, 0.0)
     op(x, wt.t(), mt.t(), b, 2, 4, 0.0)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_shapes(dtype):
+    g = torch.Generator().manual_seed(2024)
+    for _ in range(6):
+        m = int(torch.randint(2, 9, (1,), generator=g))
+        n = int(torch.randint(1, m + 1, (1,), generator=g))
+        T, in_, out = (int(v) for v in torch.randint(1, 50, (3,), generator=g))
+        x, w, mask, b = _problem((T, in_, out, n, m), dtype, seed=T * in_ + out)
+        values, positions = compress_nm(w, mask, n, m)
+        y = K.nm_matmul(x, values, positions, n, m, in_, b)
+        _close(y, x.float() @ (w.float() * mask).t() + b.float(), dtype)
