@@ -723,11 +723,15 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     new_tensors: dict[int, torch.Tensor] = {}
     bias_of = {id(model.get_submodule(mn)._parameters.get("bias")): mn for mn in deltas
                if model.get_submodule(mn)._parameters.get("bias") is not None}
+    for mn in deltas:  # existing consumer biases take the delta even when no group shrinks them
+        b = model.get_submodule(mn)._parameters.get("bias")
+        if b is not None:
+            tensors.setdefault(id(b), b)
     for tid, t in tensors.items():
         base = t.detach()
         if tid in bias_of:
             base = base + deltas[bias_of[tid]].to(base.dtype)
-        for dim, mk in masks[tid].items():
+        for dim, mk in masks.get(tid, {}).items():
             base = base.index_select(dim, mk.nonzero().flatten().to(base.device))
         new_tensors[tid] = base.clone()
     created: dict[str, torch.Tensor] = {}
