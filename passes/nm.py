@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -135,15 +136,27 @@ def _check_config(cfg: NMConfig | BlockConfig) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _check_nm_shape(in_: int, m: int, padding: str) -> None:
+    if in_ % m and padding != "zero":
+        raise ConfigError(
+            f"sparsify: in_features={in_} is not a multiple of m={m}; pick m dividing it, skip the layer, "
+            "or pass padding='zero'."
+        )
+
+
+def _check_block_shape(out: int, in_: int, block: Sequence[int], padding: str) -> None:
+    if (out % block[0] or in_ % block[1]) and padding != "zero":
+        raise ConfigError(
+            f"sparsify: block {tuple(block)} does not tile weight ({out}, {in_}); pick a block dividing both "
+            "dims, skip the layer, or pass padding='zero'."
+        )
+
+
 def nm_mask(score: Tensor, n: int, m: int, padding: str = "none") -> Tensor:
     """Bool mask keeping the ``n`` largest scores of every ``m`` consecutive columns of each row."""
     out, in_ = score.shape
+    _check_nm_shape(in_, m, padding)
     if in_ % m:
-        if padding != "zero":
-            raise ConfigError(
-                f"sparsify: in_features={in_} is not a multiple of m={m}; pick m dividing it, skip the layer, "
-                "or pass padding='zero'."
-            )
         # pads score -inf: kept only when a short group has fewer than n real columns
         score = torch.cat([score, score.new_full((out, m - in_ % m), -math.inf)], dim=1)
     groups = score.float().reshape(out, -1, m)
@@ -160,12 +173,7 @@ def block_mask(score: Tensor, block: Sequence[int], density: float, padding: str
     """Bool mask of whole tiles: the ``round(density * tiles)`` tiles of highest mean ``|score|``."""
     out, in_ = score.shape
     br, bc = block
-    if out % br or in_ % bc:
-        if padding != "zero":
-            raise ConfigError(
-                f"sparsify: block {tuple(block)} does not tile weight ({out}, {in_}); pick a block dividing both "
-                "dims, skip the layer, or pass padding='zero'."
-            )
+    _check_block_shape(out, in_, block, padding)
     gr, gc = _tile_grid((out, in_), block)
     padded = score.new_zeros((gr * br, gc * bc), dtype=torch.float32)
     padded[:out, :in_] = score.float().abs()
@@ -174,11 +182,11 @@ def block_mask(score: Tensor, block: Sequence[int], density: float, padding: str
     tile_sum = padded.reshape(gr, br, gc, bc).sum((1, 3))
     tile_score = tile_sum / counts.reshape(gr, br, gc, bc).sum((1, 3))
     k = max(1, min(gr * gc, round(density * gr * gc)))
-    keep = torch.zeros(gr * gc, dtype=torch.bool)
+    keep = torch.zeros(gr * gc, dtype=torch.bool, device=score.device)
     # stable order so ties (e.g. all-zero tiles) resolve the same way every time
     keep[torch.sort(tile_score.flatten(), descending=True, stable=True).indices[:k]] = True
     full = keep.reshape(gr, gc).repeat_interleave(br, 0).repeat_interleave(bc, 1)
-    return full[:out, :in_].contiguous().to(score.device)
+    return full[:out, :in_].contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -333,10 +341,13 @@ def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Module], calibration:
     sq = {name: torch.zeros(_weight_oi(mod).shape[1], dtype=torch.float64, device=mod.weight.device)
           for name, mod in layers.items()}
 
+    calls = dict.fromkeys(layers, 0)
+
     def hook(name):
         def fn(_mod, args):
             x = args[0].detach()
             sq[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+            calls[name] += 1
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
@@ -359,7 +370,12 @@ def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Module], calibration:
         model.train(was_training)
     if seen == 0:
         raise ConfigError("sparsify: the calibration iterable was empty; pass at least one example input.")
-    return {name: s.sqrt().float() for name, s in sq.items()}
+    unused = [name for name, c in calls.items() if c == 0]
+    if unused:
+        # all-zero norms would make the choice arbitrary: keep magnitude there, and say so
+        warnings.warn(f"sparsify: layers {unused} never ran on the calibration inputs; they are pruned by magnitude.",
+                      stacklevel=3)
+    return {name: s.sqrt().float() for name, s in sq.items() if calls[name]}
 
 
 def _shared_params(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
@@ -393,7 +409,11 @@ def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
     _shared_params(model, layers)
     for name, mod in layers.items():  # shapes first: cheap, and before a long calibration pass
         try:
-            _mask_for(torch.ones(1, 1).expand(*_weight_oi(mod).shape), config)
+            out, in_ = _weight_oi(mod).shape
+            if isinstance(config, NMConfig):
+                _check_nm_shape(in_, config.m, config.padding)
+            else:
+                _check_block_shape(out, in_, config.block, config.padding)
         except ConfigError as e:
             raise ConfigError(f"{e} (layer {name!r})") from None
     norms = _wanda_norms(model, layers, config.calibration, config.progress) if config.score == "wanda" else {}

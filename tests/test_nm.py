@@ -563,3 +563,13 @@ def test_bf16_model_equals_dense_on_masked_weights(config):
         assert bool((mod.weight.grad[~mod.mask] == 0).all())
         ref = dense.get_submodule(name).weight.grad * mod.mask
         torch.testing.assert_close(mod.weight.grad, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+
+
+def test_wanda_layer_not_on_calibration_path_falls_back_to_magnitude():
+    model = _mlp()
+    model.extra = nn.Linear(16, 8)  # registered but never called by forward
+    w = model.extra.weight.detach().clone()
+    calib = [torch.randn(4, 16) for _ in range(2)]
+    with pytest.warns(UserWarning, match="extra"):
+        sparsify(model, NMConfig(score="wanda", calibration=calib, progress=False))
+    assert torch.equal(model.extra.mask, nm.nm_mask(w.abs(), 2, 4))
