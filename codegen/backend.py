@@ -345,9 +345,12 @@ class SparsifyPartitioner(CustomPartitionerFn):
         # Inductor's caches key on this: our sources + options, or a fresh value when the caller wants to see
         # the passes run (dumps, explain) — a cache hit would skip them.
         h = hashlib.sha256()
-        for path in (_rw.__file__, __file__):
+        from sparsify_fx.codegen import inline
+
+        for path in (_rw.__file__, inline.__file__, __file__):
             h.update(Path(path).read_bytes())
-        h.update(repr((self.opts.rewrites, self.opts.inline_ops, self.rec.kernels)).encode())
+        passes = [f"{n}={getattr(REWRITES[n], '__qualname__', REWRITES[n])}" for n in self.opts.rewrites]
+        h.update(repr((passes, self.opts.inline_ops, self.rec.kernels)).encode())
         if self.fresh:
             h.update(f"{os.getpid()}-{self.rec.id}-{id(self)}".encode())
         return h.hexdigest()
