@@ -573,3 +573,21 @@ def test_wanda_layer_not_on_calibration_path_falls_back_to_magnitude():
     with pytest.warns(UserWarning, match="extra"):
         sparsify(model, NMConfig(score="wanda", calibration=calib, progress=False))
     assert torch.equal(model.extra.mask, nm.nm_mask(w.abs(), 2, 4))
+
+
+def test_load_into_masked_model_and_corrupt_file(tmp_path):
+    model = _mlp()
+    sparsify(model, BlockConfig(block=(8, 8), density=0.5, progress=False))
+    export_sparse(model, tmp_path / "s.safetensors")
+    saved = {name: (mod.weight.detach().clone(), mod.mask.clone()) for name, mod in _masked(model).items()}
+    other = _mlp()
+    sparsify(other, NMConfig(progress=False))  # other pattern, other values
+    load_sparse(other, tmp_path / "s.safetensors")
+    for name, (w, mk) in saved.items():
+        mod = other.get_submodule(name)
+        assert mod.pattern == ("block", 8, 8) and torch.equal(mod.mask, mk) and torch.equal(mod.weight, w)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    before = _state(other)
+    with pytest.raises(ConfigError, match="not a readable safetensors"):
+        load_sparse(other, tmp_path / "bad.safetensors")
+    assert _bit_identical(before, other.state_dict())
