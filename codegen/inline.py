@@ -73,6 +73,9 @@ def inline_traceable_custom_ops(gm: torch.fx.GraphModule, namespaces: Sequence[s
             continue
         if op.namespace not in namespaces:
             continue
+        if op._schema.is_mutable:
+            notes.append(f"{node.name}: {op} kept as an extern call (it mutates its arguments)")
+            continue
         impl = _impl_of(op)
         vals = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
         if impl is None or _symbolic(vals):
