@@ -43,9 +43,11 @@ __all__ = [
     "export_sparse",
     "load_sparse",
     "nm_mask",
+    "pack_positions",
     "pgf_scale",
     "sparsify",
     "to_bsr",
+    "unpack_positions",
 ]
 
 FORMAT = "sparsify_fx.sparse"
@@ -486,15 +488,17 @@ def decompress_nm(values: Tensor, positions: Tensor, n: int, m: int, in_features
     return w.reshape(out, g * m)[:, :in_features].contiguous(), mk.reshape(out, g * m)[:, :in_features].contiguous()
 
 
-def _pack4(pos: Tensor) -> Tensor:
-    """Two 4-bit positions per byte (low nibble first); pads an odd count with 0."""
+def pack_positions(pos: Tensor) -> Tensor:
+    """Two 4-bit positions per byte (low nibble first; ``m <= 16``); pads an odd count with 0. The N:M kernel reads
+    this form too (2:4: 2 bits of information per kept value stored in 4)."""
     flat = pos.reshape(pos.shape[0], -1).to(torch.uint8)
     if flat.shape[1] % 2:
         flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], 1)
     return (flat[:, 0::2] | (flat[:, 1::2] << 4)).contiguous()
 
 
-def _unpack4(packed: Tensor, count: int) -> Tensor:
+def unpack_positions(packed: Tensor, count: int) -> Tensor:
+    """Inverse of :func:`pack_positions` (``count`` positions per row)."""
     lo, hi = packed & 0xF, packed >> 4
     return torch.stack([lo, hi], -1).reshape(packed.shape[0], -1)[:, :count].contiguous()
 
@@ -556,7 +560,7 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
             values, pos = compress_nm(w, mk, a, b)
             entry.update(n=a, m=b, packed=b <= 16)
             tensors[f"{key}.values"] = values
-            tensors[f"{key}.positions"] = _pack4(pos) if b <= 16 else pos
+            tensors[f"{key}.positions"] = pack_positions(pos) if b <= 16 else pos
         else:
             values, crow, col = to_bsr(w, mk, (a, b))
             entry.update(block=[a, b])
@@ -615,7 +619,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             n, m = e["n"], e["m"]
             g = math.ceil(e["shape"][1] / m)
             pos = tensors[f"{i}.positions"]
-            pos = _unpack4(pos, g * n) if e["packed"] else pos
+            pos = unpack_positions(pos, g * n) if e["packed"] else pos
             w, mk = decompress_nm(tensors[f"{i}.values"], pos, n, m, e["shape"][1])
             pattern = ("nm", n, m)
         else:

@@ -433,7 +433,7 @@ def test_compress_nm_round_trip_and_pack():
     assert values.shape == (5, math.ceil(11 / 4) * 3) and pos.dtype == torch.uint8
     w2, m2 = nm.decompress_nm(values, pos, 3, 4, 11)
     assert torch.equal(m2, mask) and torch.equal(w2, w * mask)
-    assert torch.equal(nm._unpack4(nm._pack4(pos), pos.shape[1]), pos)
+    assert torch.equal(nm.unpack_positions(nm.pack_positions(pos), pos.shape[1]), pos)
     bad = mask.clone()
     bad[0, :4] = True
     with pytest.raises(ConfigError, match="not 3:4"):

@@ -1,8 +1,10 @@
 """N:M sparse matmul from the compact form: ``y = x @ W.T + b`` where ``W`` keeps ``n`` of every ``m`` inputs.
 
 The weight arrives compressed as by :func:`sparsify_fx.passes.nm.compress_nm`: ``values [out, G*n]`` and
-``positions [out, G*n]`` (uint8 offset ``0..m-1`` of each kept value inside its group; ``G = ceil(in/m)``). Any
-``n <= m`` works (2:4 is the usual one), and ``in`` need not be a multiple of ``m`` (pads are zero values).
+``positions [out, G*n]`` (uint8 offset ``0..m-1`` of each kept value inside its group; ``G = ceil(in/m)``), or,
+with ``packed=True`` and ``m <= 16``, two 4-bit offsets per byte (:func:`sparsify_fx.passes.nm.pack_positions`, the
+exported file's form). Any ``n <= m`` works (2:4 is the usual one), and ``in`` need not be a multiple of ``m``
+(pads are zero values).
 
 How: each program owns a ``BLOCK_M x BLOCK_N`` output tile. Per ``BLOCK_K`` slice of dense input columns it rebuilds
 the dense weight tile in registers — dense column ``j`` lies in group ``j // m`` at offset ``j % m``, and
@@ -12,9 +14,9 @@ global memory sees each once per token tile.
 
 Expected GPU bound (``T`` tokens, ``e`` bytes/element): flops ``2*T*in*out`` (the decompressed tile goes through
 the dense tensor-core dot; Triton has no access to the 2:4 sparse tensor cores that would halve it). Bytes:
-``T*in*e`` (x) + ``out*in*(n/m)*(e+1)`` (values + uint8 positions, once per token tile) + ``T*out*e`` (y). So for
-decoding (``T`` small, memory-bound on W) 2:4 moves ``(e+1)/(2e)`` of the dense weight bytes — 0.75x in bf16,
-0.625x in fp32; for prefill/training it is compute-bound like the dense GEMM.
+``T*in*e`` (x) + ``out*in*(n/m)*(e+p)`` (values + positions, ``p`` = 1 byte, or 0.5 packed; once per token tile)
++ ``T*out*e`` (y). So for decoding (``T`` small, memory-bound on W) packed 2:4 moves ``(e+0.5)/(2e)`` of the dense
+weight bytes — 0.625x in bf16, 0.5625x in fp32; for prefill/training it is compute-bound like the dense GEMM.
 
 Imports without triton (``HAS_TRITON`` False; the launcher then raises). Importing it registers
 ``sparsify::nm_linear_triton`` as the ``"triton"`` lowering of ``sparsify::nm_linear``.
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from sparsify_fx.codegen.lowering import register_lowering
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.passes.nm import compress_nm, decompress_nm
+from sparsify_fx.passes.nm import compress_nm, decompress_nm, pack_positions, unpack_positions
 from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, compact_cached, validate
 
 try:
@@ -51,7 +53,7 @@ if HAS_TRITON:
         x_ptr, v_ptr, p_ptr, b_ptr, y_ptr,
         T, IN, OUT, KC,
         stride_xt, stride_xi, stride_vo, stride_vk, stride_po, stride_pk, stride_yt, stride_yo,
-        N: tl.constexpr, M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        N: tl.constexpr, M: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -74,7 +76,12 @@ if HAS_TRITON:
             for s in tl.static_range(N):
                 c = group * N + s
                 v = tl.load(v_ptr + rn[None, :] * stride_vo + c[:, None] * stride_vk, mask=wmask, other=0.0)
-                p = tl.load(p_ptr + rn[None, :] * stride_po + c[:, None] * stride_pk, mask=wmask, other=M)
+                if PACKED:
+                    byte = tl.load(p_ptr + rn[None, :] * stride_po + (c // 2)[:, None] * stride_pk, mask=wmask,
+                                   other=0)
+                    p = ((byte >> ((c % 2) * 4).to(tl.uint8)[:, None]) & 0xF).to(tl.uint8)
+                else:
+                    p = tl.load(p_ptr + rn[None, :] * stride_po + c[:, None] * stride_pk, mask=wmask, other=M)
                 w = tl.where(p == offset[:, None], v.to(tl.float32), w)
             if UPCAST:
                 # interpreter: its bf16 dot is not a float dot; the values are exact in fp32, so dot there
@@ -88,14 +95,15 @@ if HAS_TRITON:
 
 
 def _check(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_features: int,
-           bias: Tensor | None) -> None:
-    if not 0 < n <= m or m > 255:
-        raise ConfigError(f"nm_matmul: need 0 < n <= m <= 255, got n={n}, m={m}.")
+           bias: Tensor | None, packed: bool) -> None:
+    if not 0 < n <= m or m > (16 if packed else 255):
+        raise ConfigError(f"nm_matmul: need 0 < n <= m <= {16 if packed else 255}, got n={n}, m={m}.")
     kc = math.ceil(in_features / m) * n
-    if values.dim() != 2 or values.shape[1] != kc or tuple(positions.shape) != tuple(values.shape):
+    pshape = (values.shape[0], (kc + 1) // 2 if packed else kc)
+    if values.dim() != 2 or values.shape[1] != kc or tuple(positions.shape) != pshape:
         raise ConfigError(
-            f"nm_matmul: values and positions must both be [out, {kc}] (ceil(in/m)*n for in={in_features}), "
-            f"got {tuple(values.shape)} and {tuple(positions.shape)}."
+            f"nm_matmul: values must be [out, {kc}] (ceil(in/m)*n for in={in_features}) and positions "
+            f"{list(pshape)}{' (packed)' if packed else ''}, got {tuple(values.shape)} and {tuple(positions.shape)}."
         )
     if x.shape[-1] != in_features:
         raise ConfigError(f"nm_matmul: x {tuple(x.shape)} does not have in_features={in_features} columns.")
@@ -104,20 +112,22 @@ def _check(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_feat
 
 
 def nm_matmul_reference(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_features: int,
-                        bias: Tensor | None = None) -> Tensor:
+                        bias: Tensor | None = None, *, packed: bool = False) -> Tensor:
     """PyTorch reference of :func:`nm_matmul` in fp32: decompress, then a dense matmul."""
-    _check(x, values, positions, n, m, in_features, bias)
+    _check(x, values, positions, n, m, in_features, bias, packed)
+    if packed:
+        positions = unpack_positions(positions, values.shape[1])
     w, _ = decompress_nm(values.float(), positions, n, m, in_features)
     y = x.float() @ w.t()
     return y + bias.float() if bias is not None else y
 
 
 def nm_matmul(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_features: int,
-              bias: Tensor | None = None) -> Tensor:
+              bias: Tensor | None = None, *, packed: bool = False) -> Tensor:
     """``x [..., in] @ W.T + b`` with ``W`` given compactly (see the module docstring); ``y`` in ``x``'s dtype."""
     if not HAS_TRITON:
         raise ConfigError("nm_matmul needs triton; install sparsify-fx[triton] or use kernels='aten'.")
-    _check(x, values, positions, n, m, in_features, bias)
+    _check(x, values, positions, n, m, in_features, bias, packed)
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ConfigError(
             "nm_matmul got CPU tensors but triton is not in interpreter mode; set TRITON_INTERPRET=1 before "
@@ -137,7 +147,7 @@ def nm_matmul(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_f
         T, in_features, out, values.shape[1],
         x2.stride(0), x2.stride(1), values.stride(0), values.stride(1), positions.stride(0), positions.stride(1),
         y.stride(0), y.stride(1),
-        N=n, M=m, HAS_BIAS=bias is not None, UPCAST=x.device.type == "cpu",
+        N=n, M=m, PACKED=packed, HAS_BIAS=bias is not None, UPCAST=x.device.type == "cpu",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y.reshape(*x.shape[:-1], out)
@@ -152,10 +162,10 @@ def nm_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | Non
 
     def build():
         values, positions = compress_nm(weight.detach(), mask, n, m)
-        return values.to(x.dtype), positions
+        return values.to(x.dtype), pack_positions(positions) if m <= 16 else positions
 
     values, positions = compact_cached(weight, mask, ("nm", n, m, x.dtype), build)
-    return nm_matmul(x, values, positions, n, m, weight.shape[1], bias)
+    return nm_matmul(x, values, positions, n, m, weight.shape[1], bias, packed=m <= 16)
 
 
 @nm_linear_triton.register_fake

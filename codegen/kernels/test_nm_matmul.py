@@ -13,7 +13,7 @@ import torch
 from sparsify_fx.codegen.kernels import nm_matmul as K
 from sparsify_fx.codegen.lowering import lowering_for
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.passes.nm import compress_nm, nm_mask
+from sparsify_fx.passes.nm import compress_nm, nm_mask, pack_positions
 
 pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason="triton not installed")
 
@@ -38,17 +38,20 @@ def _close(got, want, dtype):
     assert err <= tol, f"max error {err} > {tol}"
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_dense_masked(case, dtype):
-    x, w, mask, b = _problem(case, dtype, seed=hash(case) % 1000)
+def test_matches_dense_masked(case, dtype, packed):
+    x, w, mask, b = _problem(case, dtype, seed=sum(case))
     n, m = case[3], case[4]
     values, positions = compress_nm(w, mask, n, m)
-    y = K.nm_matmul(x, values, positions, n, m, w.shape[1], b)
+    if packed:
+        positions = pack_positions(positions)
+    y = K.nm_matmul(x, values, positions, n, m, w.shape[1], b, packed=packed)
     assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0])
     dense = x.float() @ (w.float() * mask).t() + b.float()
     _close(y, dense, dtype)
-    _close(y, K.nm_matmul_reference(x, values, positions, n, m, w.shape[1], b), dtype)
+    _close(y, K.nm_matmul_reference(x, values, positions, n, m, w.shape[1], b, packed=packed), dtype)
 
 
 def test_batched_input_no_bias():
@@ -62,8 +65,10 @@ def test_batched_input_no_bias():
 def test_bad_shapes():
     x, w, mask, b = _problem((4, 16, 8, 2, 4), torch.float32, seed=1)
     values, positions = compress_nm(w, mask, 2, 4)
-    with pytest.raises(ConfigError, match="values and positions"):
+    with pytest.raises(ConfigError, match="values must be"):
         K.nm_matmul(x, values[:, :-1], positions[:, :-1], 2, 4, 16, b)
+    with pytest.raises(ConfigError, match="packed"):
+        K.nm_matmul(x, values, positions, 2, 4, 16, b, packed=True)  # unpacked positions said to be packed
     with pytest.raises(ConfigError, match="in_features"):
         K.nm_matmul(x[:, :12], values, positions, 2, 4, 16, b)
     with pytest.raises(ConfigError, match="0 < n <= m"):
@@ -125,5 +130,7 @@ def test_random_shapes(dtype):
         T, in_, out = (int(v) for v in torch.randint(1, 50, (3,), generator=g))
         x, w, mask, b = _problem((T, in_, out, n, m), dtype, seed=T * in_ + out)
         values, positions = compress_nm(w, mask, n, m)
-        y = K.nm_matmul(x, values, positions, n, m, in_, b)
+        packed = bool(torch.rand(1, generator=g) < 0.5)
+        positions = pack_positions(positions) if packed else positions
+        y = K.nm_matmul(x, values, positions, n, m, in_, b, packed=packed)
         _close(y, x.float() @ (w.float() * mask).t() + b.float(), dtype)
