@@ -351,3 +351,65 @@ def test_fused_and_interleaved_projections():
     sparsify_fx.s2ft(neox, (IDS,), sparsify_fx.S2FTConfig(attention=("qkv", "o"), attention_ratio=0.5))
     qkv = neox.gpt_neox.layers[0].attention.query_key_value
     assert qkv.starts == [0] and qkv.lengths == [2 * 3 * 16]
+
+
+def _trained_adapter(base, seed):
+    model = copy.deepcopy(base)
+    sparsify_fx.s2ft(model, (IDS,), cfg_for("llama", seed=seed))
+    loss_of(model).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        out = _out(model(IDS))
+    return sparsify_fx.export_adapter(model), out
+
+
+def test_adapter_switching_checks_the_base_once_and_rechecks_after_any_write(monkeypatch):
+    """Switching between adapters on one base checks each fingerprint once; a later write to the base
+    (load_state_dict, an optimizer, ``.data``) makes the next apply check again."""
+    from sparsify_fx.passes import adapter as adapter_mod
+
+    torch.manual_seed(0)
+    base = models.llama().eval()
+    (a, out_a), (b, out_b) = _trained_adapter(base, 0), _trained_adapter(base, 1)
+    checks = []
+    real = adapter_mod._fingerprint
+    monkeypatch.setattr(adapter_mod, "_fingerprint", lambda entries: checks.append(1) or real(entries))
+    served = copy.deepcopy(base)
+    before = snapshot(served)
+    for _ in range(3):
+        for adapter, out in ((a, out_a), (b, out_b)):
+            sparsify_fx.apply_adapter(served, adapter)
+            with torch.no_grad():
+                assert rel_err(_out(served(IDS)), out) <= 1e-5
+            sparsify_fx.remove_adapter(served, adapter)
+            assert all(torch.equal(before[k], v) for k, v in served.state_dict().items())
+    assert len(checks) == 2
+
+    # another base's weights loaded into the same modules: the version counters moved, so a full check refuses it
+    other = models.llama().eval()
+    served.load_state_dict(other.state_dict())
+    with pytest.raises(sparsify_fx.AdapterError, match="different base"):
+        sparsify_fx.apply_adapter(served, a)
+    served.load_state_dict(before)
+    sparsify_fx.apply_adapter(served, a)  # the original base again: accepted after a full check
+    sparsify_fx.remove_adapter(served, a)
+    assert len(checks) == 4
+
+    # a write through .data does not move the version counter; the strided spot check sees it
+    for p, q in zip(served.parameters(), other.parameters()):
+        p.data.copy_(q.data)
+    with pytest.raises(sparsify_fx.AdapterError, match="different base"):
+        sparsify_fx.apply_adapter(served, b)
+    served.load_state_dict(before)
+
+    # the base trained while an adapter is applied: remove restores only the adapter's rows, so the
+    # next apply must not trust the cache
+    sparsify_fx.apply_adapter(served, a)
+    with torch.no_grad():
+        for p in served.parameters():
+            p.add_(0.01)
+    sparsify_fx.remove_adapter(served, a)
+    n = len(checks)
+    with pytest.raises(sparsify_fx.AdapterError, match="different base"):
+        sparsify_fx.apply_adapter(served, a)
+    assert len(checks) == n + 1
