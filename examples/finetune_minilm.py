@@ -216,8 +216,10 @@ def main() -> int:
 
     # --- reload into a fresh pretrained encoder: load_adapter + apply_adapter, nothing else
     fresh = load_encoder(path)
+    pretrained = {k: v.clone() for k, v in fresh.state_dict().items()}
     base_acc, _ = evaluate(fresh, head, test_batches)
-    sparsify_fx.apply_adapter(fresh, sparsify_fx.load_adapter(adapter_path))
+    loaded = sparsify_fx.load_adapter(adapter_path)
+    sparsify_fx.apply_adapter(fresh, loaded)
     fresh_head = Head(fresh.config.hidden_size)
     fresh_head.load_state_dict(load_file(head_path))
     acc_reload, logits_reload = evaluate(fresh, fresh_head, test_batches)
@@ -228,10 +230,16 @@ def main() -> int:
     print(f"fresh pretrained encoder + trained head, no adapter: accuracy {base_acc:.3f}")
     print(f"fresh pretrained encoder + loaded adapter + head:    accuracy {acc_reload:.3f} "
           f"(trained model: {acc_after:.3f}); max |logit difference| = {err:.2e}")
-    sparsify_fx.remove_adapter(fresh)
+    # switching tasks: remove_adapter gives the pretrained encoder back, bit for bit
+    sparsify_fx.remove_adapter(fresh, loaded)
+    restored = all(torch.equal(v, pretrained[k]) for k, v in fresh.state_dict().items())
+    print(f"remove_adapter restored the pretrained weights bit for bit: {restored}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     if not same or acc_reload != acc_after:
         print("FAIL: the reloaded adapter does not reproduce the trained model", file=sys.stderr)
+        return 1
+    if not restored:
+        print("FAIL: remove_adapter did not restore the pretrained weights", file=sys.stderr)
         return 1
     print("OK: the adapter reloaded into a fresh base reproduces the trained model (logits within 1e-5 abs + rel)")
     return 0
