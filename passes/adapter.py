@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import AdapterError
 from sparsify_fx.passes.permute import _tensor
 from sparsify_fx.passes.s2ft import state_of
@@ -52,8 +52,6 @@ class Adapter:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write safetensors with JSON metadata, atomically (temp file, then rename); no pickle."""
-        from safetensors.torch import save_file
-
         tensors: dict[str, torch.Tensor] = {}
         meta_entries = []
         for i, e in enumerate(self.entries.values()):
@@ -67,17 +65,7 @@ class Adapter:
             "entries": json.dumps(meta_entries),
             "config": json.dumps(self.config, default=str),
         }
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_safetensors_atomic(tensors, path, metadata, prefix=".adapter-")
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:

@@ -19,7 +19,6 @@ import fnmatch
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
 
@@ -545,7 +545,6 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     ``m <= 16``, else uint8). Block layers: BSR (tile values, int32 row pointers and column indices). Biases are
     stored dense. :func:`load_sparse` restores them.
     """
-    from safetensors.torch import save_file
 
     tensors: dict[str, Tensor] = {}
     layers = []
@@ -574,16 +573,7 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
         raise ConfigError("export_sparse: the model has no masked layer; call sparsify(model, config) first.")
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layers)}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".sparse-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors_atomic(tensors, path, metadata, prefix=".sparse-")
 
 
 def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
