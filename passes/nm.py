@@ -31,6 +31,7 @@ from torch import Tensor
 from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
+from sparsify_fx.passes._batch import run_batch
 
 __all__ = [
     "BlockConfig",
@@ -359,12 +360,7 @@ def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Module], calibration:
     try:
         with torch.no_grad():
             for batch in tqdm(calibration, desc="sparsify: calibration", disable=not progress):
-                if isinstance(batch, Mapping):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                run_batch(model, batch)
                 seen += 1
     finally:
         for h in handles:

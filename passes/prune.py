@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
+from sparsify_fx.passes._batch import run_batch
 
 log = logging.getLogger("sparsify_fx")
 
@@ -143,14 +144,6 @@ def _unit_index(m: Member, units: int) -> torch.Tensor:
     return torch.cat(cols, dim=1)
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, list | tuple):
-        return model(*batch)
-    return model(batch)
-
-
 def _first_tensor(out: Any) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
@@ -245,7 +238,7 @@ def _collect_stats(model: nn.Module, consumers: dict[str, _Consumer], batches: l
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="prune: calibration", disable=not progress, leave=False):
-                _call(model, batch)
+                run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -312,7 +305,7 @@ def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, example
         for batch in tqdm(batches, desc="prune: calibration (taylor)", disable=not cfg.progress, leave=False):
             for t in params.values():
                 t.grad = None
-            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else _call(model, batch)
+            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else run_batch(model, batch)
             loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
             if loss is None or loss.dim() != 0:
                 raise ConfigError(
@@ -843,7 +836,7 @@ def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPl
             nb = (b.detach() if b is not None else torch.zeros_like(d, dtype=mod.weight.dtype)) + d.to(mod.weight.dtype)
             j.set_tensor(mod, "bias", nn.Parameter(nb.to(mod.weight.device), requires_grad=False))
         with torch.no_grad():
-            out = _first_tensor(_call(model, example_inputs))
+            out = _first_tensor(run_batch(model, example_inputs))
         return None if out is None else out.detach().clone()
     finally:
         j.rollback()
@@ -851,7 +844,7 @@ def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPl
 
 def _verify(model: nn.Module, example_inputs: Any, ref: torch.Tensor | None, ups: list[_AttrUpdate]) -> None:
     with torch.no_grad():
-        out = _first_tensor(_call(model, example_inputs))
+        out = _first_tensor(run_batch(model, example_inputs))
     if ref is None or out is None:
         return
     if out.shape != ref.shape:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.passes._batch import run_batch
 from sparsify_fx.passes.permute import _tensor, permute
 
 log = logging.getLogger("sparsify_fx")
@@ -275,14 +276,6 @@ def _batches(cfg: S2FTConfig, what: str) -> list[Any]:
     return batches
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, list | tuple):
-        return model(*batch)
-    return model(batch)
-
-
 def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
     """Fisher information per unit: sum over batches of squared gradients of its weight slices."""
     params = {m.fqn: _tensor(model, m.fqn) for u in units for pairs in u.projections.values() for m, _ in pairs}
@@ -293,7 +286,7 @@ def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> di
             p.requires_grad_(True)
             p.grad = None
         for batch in tqdm(_batches(cfg, "gradient scores"), desc="s2ft calibration (gradient)", leave=False):
-            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else _call(model, batch)
+            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else run_batch(model, batch)
             loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
             if loss is None or loss.dim() != 0:
                 raise ConfigError(
@@ -335,7 +328,7 @@ def _activation_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> 
     try:
         with torch.no_grad():
             for batch in tqdm(_batches(cfg, "activation scores"), desc="s2ft calibration (activation)", leave=False):
-                _call(model, batch)
+                run_batch(model, batch)
     finally:
         for h in hooks:
             h.remove()
