@@ -181,7 +181,10 @@ def test_short_finetune_loss_goes_down(strategy):
     # a synthetic task: copy the token two positions back
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(4)]
-    calib = [{"input_ids": d, "labels": d} for d in data[:2]]
+    # calibration batches as a tokenizer returns them: a BatchEncoding, a Mapping that is not a dict
+    from transformers import BatchEncoding
+
+    calib = [BatchEncoding({"input_ids": d, "labels": d}) for d in data[:2]]
     cfg = sparsify_fx.S2FTConfig(attention_ratio=0.5, ffn_ratio=0.25, strategy=strategy, calibration=calib)
     sparsify_fx.s2ft(model, (data[0],), cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
