@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
+
+from sparsify_fx.errors import ConfigError
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -16,3 +19,18 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, list | tuple):
         return model(*batch)
     return model(batch)
+
+
+def batch_loss(
+    model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Any] | None, what: str
+) -> torch.Tensor:
+    """The scalar loss of one calibration batch: ``loss_fn(model, batch)``, or the model's own ``.loss`` (a
+    transformers model given labels). ``what`` names the option that needs it, for the error."""
+    out = loss_fn(model, batch) if loss_fn is not None else run_batch(model, batch)
+    loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
+    if loss is None or loss.dim() != 0:
+        raise ConfigError(
+            f"{what} needs a scalar loss: pass loss_fn=lambda model, batch: ... or calibration batches for which "
+            "the model returns .loss (e.g. with labels)."
+        )
+    return loss

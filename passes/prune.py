@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
-from sparsify_fx.passes._batch import run_batch
+from sparsify_fx.passes._batch import batch_loss, run_batch
 
 log = logging.getLogger("sparsify_fx")
 
@@ -305,13 +305,7 @@ def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, example
         for batch in tqdm(batches, desc="prune: calibration (taylor)", disable=not cfg.progress, leave=False):
             for t in params.values():
                 t.grad = None
-            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else run_batch(model, batch)
-            loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
-            if loss is None or loss.dim() != 0:
-                raise ConfigError(
-                    "score='taylor' needs a scalar loss: pass loss_fn=lambda model, batch: ... or calibration "
-                    "batches for which the model returns .loss (e.g. with labels)."
-                )
+            loss = batch_loss(model, batch, cfg.loss_fn, "score='taylor'")
             loss.backward()
             for p in plans:
                 s = torch.zeros(p.group.num_units, dtype=torch.float64)

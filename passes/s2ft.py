@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.passes._batch import run_batch
+from sparsify_fx.passes._batch import batch_loss, run_batch
 from sparsify_fx.passes.permute import _tensor, permute
 
 log = logging.getLogger("sparsify_fx")
@@ -286,13 +286,7 @@ def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> di
             p.requires_grad_(True)
             p.grad = None
         for batch in tqdm(_batches(cfg, "gradient scores"), desc="s2ft calibration (gradient)", leave=False):
-            out = cfg.loss_fn(model, batch) if cfg.loss_fn is not None else run_batch(model, batch)
-            loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
-            if loss is None or loss.dim() != 0:
-                raise ConfigError(
-                    "strategy='gradient' needs a scalar loss: pass loss_fn=lambda model, batch: ... "
-                    "or calibration batches for which the model returns .loss (e.g. with labels)."
-                )
+            loss = batch_loss(model, batch, cfg.loss_fn, "strategy='gradient'")
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             by_name = dict(zip(params, grads))
             for u in units:

@@ -321,6 +321,8 @@ class PinnedFFN(torch.nn.Module):
         (models.llama, {"attention": ("x",)}, "unknown projection"),
         (models.llama, {"layers": [7]}, "layers"),
         (models.llama, {"strategy": "gradient"}, "calibration"),
+        # calibration batches without labels: the model returns no .loss and no loss_fn was given
+        (models.llama, {"strategy": "gradient", "calibration": [(IDS,)]}, "strategy='gradient' needs a scalar loss"),
         (PinnedFFN, {"attention": ()}, "pinned"),
     ],
 )
