@@ -14,6 +14,19 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message=".*token_id.*")
 
 
+def output_tensor(y):
+    """The tensor a model's output stands for: transformers' logits or last hidden state, else itself."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(y, name):
+            return getattr(y, name)
+    return y
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: the relative error every equivalence test states its tolerance in."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import output_tensor as _out
+from models import rel_err
 
 import sparsify_fx
 from sparsify_fx.passes.permute import permute
@@ -17,15 +19,6 @@ from sparsify_fx.passes.permute import permute
 TOL = 1e-5  # fp32 relative error for permuted vs original outputs and input gradients
 
 
-def _out(y):
-    for name in ("logits", "last_hidden_state"):
-        if hasattr(y, name):
-            return getattr(y, name)
-    return y
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def random_perm(n: int, g: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,8 @@ import models
 import pytest
 import torch
 import torch.nn as nn
+from models import output_tensor as _out
+from models import rel_err
 
 import sparsify_fx
 from sparsify_fx import ConfigError, PruneConfig
@@ -17,15 +19,6 @@ IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 IMG = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def _out(y):
-    for name in ("logits", "last_hidden_state"):
-        if hasattr(y, name):
-            return getattr(y, name)
-    return y
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def n_params(model):

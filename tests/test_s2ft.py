@@ -7,6 +7,8 @@ import copy
 import models
 import pytest
 import torch
+from models import output_tensor as _out
+from models import rel_err
 
 import sparsify_fx
 from sparsify_fx.passes.permute import permute
@@ -16,15 +18,6 @@ IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 MAKERS = {"llama": models.llama, "mistral": models.mistral, "gpt2": models.gpt2, "bert": models.bert}
 
 
-def _out(y):
-    for name in ("logits", "last_hidden_state"):
-        if hasattr(y, name):
-            return getattr(y, name)
-    return y
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def cfg_for(name, **kw):
