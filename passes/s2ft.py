@@ -14,7 +14,6 @@ adapters in original coordinates live in :mod:`sparsify_fx.passes.adapter`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -131,20 +130,21 @@ class Unit:
     projections: dict[str, list[tuple[Member, Occurrence]]]
     selected: list[int] = field(default_factory=list)
 
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # trained weights' shapes
+
     @property
     def cost_per_unit(self) -> int:
         """Trainable parameters one unit adds (its slices of every trained projection)."""
-        total = 0
-        for pairs in self.projections.values():
-            for m, occ in pairs:
-                total += occ.inner * len(occ.offsets) * self._other(m)
-        return total
+        return sum(
+            occ.inner * len(occ.offsets) * _across(self.shapes[m.fqn], m.dim)
+            for pairs in self.projections.values()
+            for m, occ in pairs
+        )
 
-    def _other(self, m: Member) -> int:
-        shape = self.shapes[m.fqn]
-        return math.prod(s for i, s in enumerate(shape) if i != m.dim)
 
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+def _across(shape: Sequence[int], dim: int) -> int:
+    """Elements of a tensor of ``shape`` per index along ``dim``."""
+    return math.prod(s for i, s in enumerate(shape) if i != dim)
 
 
 def _projections_of(group: Group) -> dict[str, list[tuple[Member, Occurrence]]]:
@@ -486,7 +486,6 @@ class S2FTState:
     slices: list[Slice]
     modules: dict[str, str]  # module FQN -> weight FQN of swapped modules
     base_blocks: dict[tuple[str, int], torch.Tensor]  # (weight fqn, start) -> initial values
-    fingerprint: str
     requires_grad: dict[str, bool] = field(default_factory=dict)  # flags before the transform
 
 
@@ -495,16 +494,6 @@ def state_of(model: nn.Module) -> S2FTState:
     if st is None:
         raise ConfigError("this model was not transformed by sparsify_fx.s2ft (nothing to describe/merge/export).")
     return st
-
-
-def fingerprint(model: nn.Module, fqns: Iterable[str]) -> str:
-    """Hash of the named base tensors (shape, dtype and values), in original coordinates."""
-    h = hashlib.sha256()
-    for fqn in sorted(set(fqns)):
-        t = _tensor(model, fqn).detach()
-        h.update(f"{fqn}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- the transform
@@ -529,8 +518,6 @@ def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        weight_fqns = {m.fqn for u in units for pairs in u.projections.values() for m, _ in pairs}
-        fp = fingerprint(model, weight_fqns)
         perms: dict[str, torch.Tensor] = {}
         for u in units:
             rest = [i for i in range(u.group.num_units) if i not in set(u.selected)]
@@ -556,12 +543,11 @@ def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None
                 raise ConfigError(f"{wfqn} would train rows and columns at once; select one side per weight.")
             mod_name = wfqn.rpartition(".")[0]
             module = model.get_submodule(mod_name)
-            role_in = next(
-                (m.dim for u in units for g in [u.group] for m in g.members if m.fqn == wfqn and m.role == "in"),
-                None,
-            )
+            # the weight dim that contracts the layer's input: the member's dim where the group is consumed,
+            # the other dim where it is produced
+            role_in = next((m.dim for u in units for m in u.group.members if m.fqn == wfqn and m.role == "in"), None)
             pdim = ss[0].dim
-            in_dim = role_in if role_in is not None else (1 - pdim if len(ss) and _is_out(units, wfqn) else None)
+            in_dim = role_in if role_in is not None else (1 - pdim if _is_out(units, wfqn) else None)
             transposed = _linear_orientation(module, wfqn, in_dim)
             ss.sort(key=lambda s: s.start)
             new = S2FTLinear(
@@ -581,9 +567,8 @@ def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None
             setattr(parent, child, new)
             swapped.append((parent, child, module))
             modules[mod_name] = wfqn
-        state = S2FTState(
-            cfg, units, perms, {u.group.name: u.group for u in units}, slices, modules, base_blocks, fp, flags
-        )
+        groups = {u.group.name: u.group for u in units}
+        state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags)
         object.__setattr__(model, "_sparsify_s2ft", state)
     except Exception:
         for parent, child, module in reversed(swapped):
@@ -610,7 +595,7 @@ def describe(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if ".blocks." not in f".{n}")
     for u in st.units:
-        n = sum(s.length * _other_size(model, s) for s in st.slices if s.fqn in _fqns(u))
+        n = sum(s.length * _across(_tensor(model, s.fqn).shape, s.dim) for s in st.slices if s.fqn in _fqns(u))
         projs = "+".join(u.projections)
         lines.append(
             f"  layer {u.group.layer if u.group.layer is not None else '-':>3}  {u.group.kind:15s} "
@@ -625,11 +610,6 @@ def describe(model: nn.Module) -> str:
 
 def _fqns(u: Unit) -> set[str]:
     return {m.fqn for pairs in u.projections.values() for m, _ in pairs}
-
-
-def _other_size(model: nn.Module, s: Slice) -> int:
-    shape = _tensor(model, s.fqn).shape
-    return math.prod(x for i, x in enumerate(shape) if i != s.dim)
 
 
 def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
