@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "NMConfig": "sparsify_fx.passes.nm",
     "BlockConfig": "sparsify_fx.passes.nm",
     "sparsify": "sparsify_fx.passes.nm",
+    "export_sparse": "sparsify_fx.passes.nm",
+    "load_sparse": "sparsify_fx.passes.nm",
     "explain": "sparsify_fx.codegen.explain",
 }
 
@@ -65,4 +67,15 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparsify_fx.analysis import CouplingReport, Group, Member, analyze, analyze_graph  # noqa: F401
+    from sparsify_fx.codegen.explain import explain  # noqa: F401
     from sparsify_fx.frontend import TracedGraph, trace  # noqa: F401
+    from sparsify_fx.passes.adapter import (  # noqa: F401
+        Adapter,
+        apply_adapter,
+        export_adapter,
+        load_adapter,
+        remove_adapter,
+    )
+    from sparsify_fx.passes.nm import BlockConfig, NMConfig, export_sparse, load_sparse, sparsify  # noqa: F401
+    from sparsify_fx.passes.prune import PruneConfig, prune  # noqa: F401
+    from sparsify_fx.passes.s2ft import S2FTConfig, describe, merge, s2ft  # noqa: F401
