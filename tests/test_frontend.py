@@ -62,3 +62,21 @@ def test_analysis_on_aot_graph_matches_export(tmp_path):
     exported = sparsify_fx.analyze(model, (IDS,))
     assert aot.source == "aot" and exported.source == "export"
     assert _groups(aot) == _groups(exported), aot.table() + "\n---\n" + exported.table()
+
+
+def test_trace_error_names_the_line_once_without_torch_logging_the_traceback(caplog):
+    """A shape error inside the model: one TraceError with the cause and the user's line; FakeTensor's own
+    ERROR-level traceback (the same failure, logged before raising) is kept out of the user's log."""
+    import logging
+
+    import pytest
+
+    model = models.MLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.ERROR), pytest.raises(sparsify_fx.TraceError) as err:
+        sparsify_fx.trace(model, (torch.randn(2, 16),))
+    assert "must have same reduction dim" in str(err.value)
+    assert "tests/models.py" in str(err.value) and "x = layer(x)" in str(err.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logging.getLogger("torch._subclasses.fake_tensor").level == logging.NOTSET  # restored
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

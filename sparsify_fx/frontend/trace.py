@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import traceback
 from collections.abc import Iterator, Mapping
@@ -45,6 +46,19 @@ def tracing_friendly(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for cfg in saved:
             cfg.use_cache = True
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors() -> Iterator[None]:
+    # On a failing op, FakeTensor logs the whole traceback at ERROR before raising; we re-raise it as a
+    # TraceError naming the cause and the user's line, so the log would only repeat it, louder.
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _dynamic_shapes(args: tuple, kwargs: dict, dynamic: bool | Any) -> Any:
@@ -100,7 +114,7 @@ def trace(
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}.")
     args, kwargs = _split_inputs(example_inputs)
     try:
-        with tracing_friendly(model):
+        with tracing_friendly(model), _quiet_fake_tensor_errors():
             ep = torch.export.export(
                 model, args, kwargs or None, dynamic_shapes=_dynamic_shapes(args, kwargs, dynamic), strict=False
             )
