@@ -305,8 +305,8 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     Refuses an adapter trained on another base (shape or fingerprint mismatch) before writing. The
     first apply to a base checks the fingerprint; applying it again to the unchanged base is one
     scatter per weight. For that the model keeps, per adapter object applied to it, the base values
-    at the adapter's positions and the values with the delta added (twice the adapter's size) until
-    the adapter object is freed.
+    at the adapter's positions and the values with the delta added (twice the adapter's size); the
+    entry goes at the first remove_adapter after the adapter object is freed.
     """
     if getattr(model, "_sparsify_s2ft", None) is not None:
         raise AdapterError("apply_adapter needs a plain base model; this one is S²FT-transformed (merge() it first).")
