@@ -257,6 +257,28 @@ def test_permute_validates_before_writing():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+# ---------------------------------------------------------------------- rule soundness, op by op
+class Roll(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        # roll without dims shifts the flattened tensor: it depends on the order of every dim
+        return self.b(torch.roll(torch.relu(self.a(x)), 1))
+
+
+@pytest.mark.parametrize("make", [Roll], ids=lambda c: c.__name__)
+def test_order_and_index_ops_keep_groups_sound(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 4)
+    rep = sparsify_fx.analyze(model, (x,))
+    assert not rep.unruled_ops, rep.unruled_ops
+    check_groups_are_symmetries(model, (x,), rep)
+
+
 # ---------------------------------------------------------------------- property tests
 @st.composite
 def arch_specs(draw):

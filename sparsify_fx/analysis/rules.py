@@ -388,9 +388,10 @@ def _order_dependent(ctx: RuleContext) -> Value:
     dim = ctx.arg("dim", None)
     if dim is None:
         dim = ctx.arg("dims", None)
+    # no dims, or an empty list (roll's default: shift the flattened tensor), means every dim
     dims = (
         {_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])}
-        if dim is not None
+        if dim is not None and dim != [] and dim != ()
         else set(range(rank))
     )
     for d in dims:
