@@ -269,7 +269,19 @@ class Roll(torch.nn.Module):
         return self.b(torch.roll(torch.relu(self.a(x)), 1))
 
 
-@pytest.mark.parametrize("make", [Roll], ids=lambda c: c.__name__)
+class GatherPrefix(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        # an index narrower than the input along dim 1 reads the first 3 channels: order matters
+        idx = torch.zeros(x.shape[0], 3, dtype=torch.long)
+        return self.b(self.a(x).gather(0, idx))
+
+
+@pytest.mark.parametrize("make", [Roll, GatherPrefix], ids=lambda c: c.__name__)
 def test_order_and_index_ops_keep_groups_sound(make):
     torch.manual_seed(0)
     model = make().eval()

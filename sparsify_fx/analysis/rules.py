@@ -949,8 +949,13 @@ def _gather(ctx: RuleContext) -> Value:
     ctx.table.pin(xd[i], "gather with data-dependent indices")
     xs, ids = ctx.shape_of(x), ctx.shape_of(idx)
     for j in range(len(xd)):
-        if j != i and xs[j] == ids[j]:
+        if j == i:
+            continue
+        if xs[j] == ids[j]:
             ctx.unify(xd[j], idd[j])
+        else:  # a narrower index reads a prefix of this dim: which entries land there depends on order
+            ctx.table.pin(xd[j], "gather reads a prefix along this dim")
+            ctx.table.pin(idd[j], "gather reads a prefix along this dim")
     return list(idd)
 
 
