@@ -281,7 +281,29 @@ class GatherPrefix(torch.nn.Module):
         return self.b(self.a(x).gather(0, idx))
 
 
-@pytest.mark.parametrize("make", [Roll, GatherPrefix], ids=lambda c: c.__name__)
+class IndexByActivation(torch.nn.Module):
+    """Integer indices computed from a layer's output: permuting that layer permutes the indices."""
+
+    def __init__(self, select: bool) -> None:
+        super().__init__()
+        self.select = select
+        self.a = torch.nn.Linear(4, 8)
+        self.table = torch.nn.Parameter(torch.randn(2, 5))
+        self.c = torch.nn.Linear(40, 3)
+
+    def forward(self, x):
+        if self.select:
+            rows = self.table.index_select(0, (self.a(x[0]) > 0).long())  # [8, 5]
+            return self.c(rows.reshape(40)).expand(x.shape[0], 3)
+        rows = self.table[(self.a(x) > 0).long()]  # [B, 8, 5]
+        return self.c(rows.reshape(x.shape[0], 40))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [Roll, GatherPrefix, lambda: IndexByActivation(False), lambda: IndexByActivation(True)],
+    ids=["roll", "gather_prefix", "index", "index_select"],
+)
 def test_order_and_index_ops_keep_groups_sound(make):
     torch.manual_seed(0)
     model = make().eval()

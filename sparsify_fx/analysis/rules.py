@@ -937,6 +937,9 @@ def _index_select(ctx: RuleContext) -> Value:
     d = list(ctx.dims(x) or [])
     i = _norm_dim(ctx.arg("dim"), len(d))
     ctx.table.pin(d[i], "index_select with data-dependent indices")
+    # the output's dim i follows the index tensor, and that output dim is fresh and pinned: a space
+    # left free on the index would permute the output where nothing downstream moves with it
+    ctx.table.pin_dims(ctx.dims(ctx.arg("index")) or [], "index_select indices")
     d[i] = ctx.table.fresh_dim(ctx.out_shape()[i], "index_select output")
     return d
 
@@ -967,6 +970,8 @@ def _index(ctx: RuleContext) -> Value:
     positions = [j for j, ix in enumerate(indices) if ix is not None]
     for j in positions:
         ctx.table.pin(d[j], "advanced indexing with data-dependent indices")
+        # the indexed output dims follow the index tensors and are pinned: so are the index tensors
+        ctx.table.pin_dims(ctx.dims(indices[j]) or [], "advanced indexing indices")
     out_shape = ctx.out_shape()
     n_rest = len(d) - len(indices)
     adjacent = positions == list(range(positions[0], positions[-1] + 1)) if positions else True
