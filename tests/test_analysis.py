@@ -299,10 +299,22 @@ class IndexByActivation(torch.nn.Module):
         return self.c(rows.reshape(x.shape[0], 40))
 
 
+class SliceFromFarNegative(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 10)
+        self.b = torch.nn.Linear(5, 3)
+        self.c = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y[:, -100:5]) + self.c(y[:, 5:])  # a start before -size clamps to 0
+
+
 @pytest.mark.parametrize(
     "make",
-    [Roll, GatherPrefix, lambda: IndexByActivation(False), lambda: IndexByActivation(True)],
-    ids=["roll", "gather_prefix", "index", "index_select"],
+    [Roll, GatherPrefix, lambda: IndexByActivation(False), lambda: IndexByActivation(True), SliceFromFarNegative],
+    ids=["roll", "gather_prefix", "index", "index_select", "slice_far_negative"],
 )
 def test_order_and_index_ops_keep_groups_sound(make):
     torch.manual_seed(0)

@@ -873,7 +873,7 @@ def _slice(ctx: RuleContext) -> Value:
         ctx.table.pin(d[i], "slice with symbolic bounds or a step")
         d[i] = ctx.table.fresh_dim(out_len, "slice with symbolic bounds or a step")
         return d
-    start = _norm_dim(start, shape[i]) if start < 0 else min(start, shape[i])
+    start = min(max(start + shape[i] if start < 0 else start, 0), shape[i])  # clamped as aten.slice does
     d[i] = ctx.table.slice(d[i], start, out_len, "slice cuts inside a unit")
     return d
 
