@@ -311,15 +311,33 @@ class SliceFromFarNegative(torch.nn.Module):
         return self.b(y[:, -100:5]) + self.c(y[:, 5:])  # a start before -size clamps to 0
 
 
+class UnbatchedPool(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.c = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.a(x).transpose(1, 2)  # [2, 8, 5], pooled as an unbatched image: the 8 channels are rows
+        return self.c(torch.nn.functional.max_pool2d(y, 2).reshape(16))
+
+
 @pytest.mark.parametrize(
-    "make",
-    [Roll, GatherPrefix, lambda: IndexByActivation(False), lambda: IndexByActivation(True), SliceFromFarNegative],
-    ids=["roll", "gather_prefix", "index", "index_select", "slice_far_negative"],
+    "make, shape",
+    [
+        (Roll, (2, 4)),
+        (GatherPrefix, (2, 4)),
+        (lambda: IndexByActivation(False), (2, 4)),
+        (lambda: IndexByActivation(True), (2, 4)),
+        (SliceFromFarNegative, (2, 4)),
+        (UnbatchedPool, (2, 5, 4)),
+    ],
+    ids=["roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool"],
 )
-def test_order_and_index_ops_keep_groups_sound(make):
+def test_op_rules_keep_groups_sound(make, shape):
     torch.manual_seed(0)
     model = make().eval()
-    x = torch.randn(2, 4)
+    x = torch.randn(*shape)
     rep = sparsify_fx.analyze(model, (x,))
     assert not rep.unruled_ops, rep.unruled_ops
     check_groups_are_symmetries(model, (x,), rep)

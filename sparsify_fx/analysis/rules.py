@@ -13,6 +13,7 @@ Rules are keyed by ATen overload packet (``aten.linear``), so the same rule serv
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -1019,13 +1020,15 @@ def _pad(ctx: RuleContext) -> Value:
 )
 def _pool(ctx: RuleContext) -> Value:
     # Pooling acts per channel over spatial positions: channels pass through, positions are pinned.
+    # The op's name says how many trailing dims are positions (max_pool2d: 2); the input may be
+    # unbatched, so counting from the front would take a position dim for the channels.
     x = ctx.tensor_args()[0]
     d = ctx.dims(x) or []
-    n_spatial = sum(1 for _ in d) - 2
-    ctx.table.pin_dims(d[2:], "pooling over positions")
+    n_spatial = int(re.search(r"(\d)d", ctx.node.target.overloadpacket.__name__).group(1))  # type: ignore[union-attr]
+    ctx.table.pin_dims(d[-n_spatial:], "pooling over positions")
     val = ctx.out_val()
     first = val[0] if isinstance(val, list | tuple) else val
-    out = list(d[:2]) + ctx.fresh(list(first.shape)[2 : 2 + n_spatial], "pooled positions")
+    out = list(d[:-n_spatial]) + ctx.fresh(list(first.shape)[-n_spatial:], "pooled positions")
     if isinstance(val, list | tuple):
         return [out] + [ctx.fresh(list(v.shape), "pooling indices") for v in val[1:]]
     return out
