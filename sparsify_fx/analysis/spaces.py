@@ -389,13 +389,14 @@ class SpaceTable:
     # ------------------------------------------------------------------ final state
     def finalize(self) -> None:
         """Push pins and marks of refined classes down to every class inside them."""
-        seen: set[int] = set()
+        # keyed by the facts themselves, not their hash: a hash collision would skip a pin
+        seen: set[tuple[int, tuple[str, ...], tuple[str, ...]]] = set()
 
         def down(r: Atom, pins: list[str], marks: set[str]) -> None:
             key = (r.id, tuple(pins), tuple(sorted(marks)))
-            if hash(key) in seen:
+            if key in seen:
                 return
-            seen.add(hash(key))
+            seen.add(key)
             for p in pins:
                 if p not in r.pins and len(r.pins) < 4:
                     r.pins.append(p)
