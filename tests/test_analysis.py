@@ -343,6 +343,25 @@ def test_op_rules_keep_groups_sound(make, shape):
     check_groups_are_symmetries(model, (x,), rep)
 
 
+class AminmaxOverChannels(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.c = torch.nn.Linear(1, 3)
+
+    def forward(self, x):
+        lo, hi = torch.aminmax(self.a(x), dim=1, keepdim=True)  # values only: no indices to pin
+        return self.c(hi - lo)
+
+
+def test_aminmax_is_a_reduction():
+    model = AminmaxOverChannels().eval()
+    x = torch.randn(2, 4)
+    rep = sparsify_fx.analyze(model, (x,))
+    assert [(g.kind, g.num_units) for g in rep.groups] == [("ffn_channels", 8)], rep.table()
+    check_groups_are_symmetries(model, (x,), rep)
+
+
 # ---------------------------------------------------------------------- property tests
 @st.composite
 def arch_specs(draw):

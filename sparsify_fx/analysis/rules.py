@@ -322,6 +322,7 @@ def _no_tensor(ctx: RuleContext) -> Value:
         "count_nonzero",
         "nansum",
         "nanmean",
+        "aminmax",
     )
 )
 def _reduction(ctx: RuleContext) -> Value:
@@ -343,10 +344,11 @@ def _reduction(ctx: RuleContext) -> Value:
             out.append(d)
         elif keep:
             out.append(ctx.table.fresh_dim(1))
-    return out
+    val = ctx.out_val()
+    return [list(out) for _ in val] if isinstance(val, list | tuple) else out  # aminmax: (min, max)
 
 
-@register(*_packets("max", "min", "median", "mode", "kthvalue", "aminmax"))
+@register(*_packets("max", "min", "median", "mode", "kthvalue"))
 def _reduction_with_indices(ctx: RuleContext) -> Value:
     val = ctx.out_val()
     x = ctx.dims(ctx.tensor_args()[0]) or []
