@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,21 @@ def _packets(*names: str) -> list[Any]:
 
 def _norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
+
+
+def _dim_list(dim: int | Sequence[int], rank: int) -> list[int]:
+    """A dim argument (one int or a list) as non-negative dims."""
+    return [_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])]
+
+
+def _dims_acted_on(ctx: RuleContext, rank: int) -> set[int]:
+    """The dims a reduction or order-dependent op acts along (its ``dim``, ``dims`` or ``axis``
+    argument). None given, or an empty list, means every dim: ``sum(x)``, ``argmax(x)`` and
+    ``roll(x, 1)`` act on the whole tensor."""
+    dim = next((v for v in (ctx.arg(k) for k in ("dim", "dims", "axis")) if v is not None), None)
+    if dim is None or dim == [] or dim == ():
+        return set(range(rank))
+    return set(_dim_list(dim, rank))
 
 
 # ---------------------------------------------------------------------- pointwise
@@ -328,15 +343,7 @@ def _no_tensor(ctx: RuleContext) -> Value:
 def _reduction(ctx: RuleContext) -> Value:
     # Reductions are invariant under permutations of the reduced dims.
     x = ctx.dims(ctx.tensor_args()[0]) or []
-    rank = len(x)
-    dim = ctx.arg("dim", None)
-    if dim is None:
-        for k in ("axis",):
-            dim = ctx.arg(k, None)
-    if dim is None or dim == [] or dim == ():
-        reduced = set(range(rank))
-    else:
-        reduced = {_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])}
+    reduced = _dims_acted_on(ctx, len(x))
     keep = bool(ctx.arg("keepdim", False))
     out = []
     for i, d in enumerate(x):
@@ -387,18 +394,8 @@ def _reduction_with_indices(ctx: RuleContext) -> Value:
 def _order_dependent(ctx: RuleContext) -> Value:
     """Ops whose result depends on the order along a dim: that dim is pinned, others pass."""
     x = ctx.dims(ctx.tensor_args()[0]) or []
-    rank = len(x)
-    dim = ctx.arg("dim", None)
-    if dim is None:
-        dim = ctx.arg("dims", None)
-    # no dims, or an empty list (roll's default: shift the flattened tensor), means every dim
-    dims = (
-        {_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])}
-        if dim is not None and dim != [] and dim != ()
-        else set(range(rank))
-    )
-    for d in dims:
-        if d < rank:
+    for d in _dims_acted_on(ctx, len(x)):
+        if d < len(x):
             ctx.table.pin(x[d], f"{ctx.op_name()} depends on order along this dim")
     val = ctx.out_val()
     if isinstance(val, torch.Tensor) and list(val.shape) == [s for s in ctx.shape_of(ctx.tensor_args()[0])]:
@@ -771,8 +768,7 @@ def _permute(ctx: RuleContext) -> Value:
 def _movedim(ctx: RuleContext) -> Value:
     d = list(ctx.dims(ctx.tensor_args()[0]) or [])
     src, dst = ctx.arg("source"), ctx.arg("destination")
-    src = [_norm_dim(s, len(d)) for s in (src if isinstance(src, list | tuple) else [src])]
-    dst = [_norm_dim(s, len(d)) for s in (dst if isinstance(dst, list | tuple) else [dst])]
+    src, dst = _dim_list(src, len(d)), _dim_list(dst, len(d))
     rest = [x for i, x in enumerate(d) if i not in src]
     out: list[Dim | None] = [None] * len(d)
     for s, t in zip(src, dst):
@@ -796,8 +792,7 @@ def _squeeze(ctx: RuleContext) -> Value:
     if dim is None:
         drop = {i for i, s in enumerate(shape) if s == 1}
     else:
-        drop = {_norm_dim(i, len(d)) for i in (dim if isinstance(dim, list | tuple) else [dim])}
-        drop = {i for i in drop if shape[i] == 1}
+        drop = {i for i in _dim_list(dim, len(d)) if shape[i] == 1}
     return [x for i, x in enumerate(d) if i not in drop]
 
 
