@@ -362,6 +362,23 @@ def test_aminmax_is_a_reduction():
     check_groups_are_symmetries(model, (x,), rep)
 
 
+class InplaceGatedFFN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(4, 8)
+        self.up = torch.nn.Linear(4, 8)
+        self.down = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x), inplace=True) * self.up(x))
+
+
+def test_inplace_activation_tags_the_gate():
+    rep = sparsify_fx.analyze(InplaceGatedFFN(), (torch.randn(2, 4),))
+    tags = {m.fqn: m.tags for g in rep.groups for m in g.members}
+    assert "act" in tags["gate.weight"] and "act" not in tags["up.weight"]
+
+
 # ---------------------------------------------------------------------- property tests
 @st.composite
 def arch_specs(draw):

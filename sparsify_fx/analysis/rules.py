@@ -47,11 +47,17 @@ def rule_for(target: Any) -> Rule | None:
         return None
     if packet in RULES:
         return RULES[packet]
-    # an in-place variant (add_, mul_) moves spaces exactly as its functional form does
+    functional = _functional(packet)
+    return RULES.get(functional) if functional is not packet else None
+
+
+def _functional(packet: Any) -> Any:
+    """The functional form of an in-place packet (add_ -> add), which moves spaces exactly as it
+    does; any other packet is returned as is."""
     name = getattr(packet, "__name__", "")
     if name.endswith("_") and not name.startswith("_") and hasattr(aten, name[:-1]):
-        return RULES.get(getattr(aten, name[:-1]))
-    return None
+        return getattr(aten, name[:-1])
+    return packet
 
 
 def _packets(*names: str) -> list[Any]:
@@ -172,7 +178,7 @@ def _unary(ctx: RuleContext) -> Value:
     if len(tensors) != 1:  # e.g. pow(Tensor, Tensor): broadcasting
         return _broadcast(ctx)
     x = ctx.dims(tensors[0])
-    if getattr(ctx.node.target, "overloadpacket", None) in ACTIVATIONS and x:
+    if _functional(getattr(ctx.node.target, "overloadpacket", None)) in ACTIVATIONS and x:
         # object tags survive unions: lets passes tell a gate projection from an up projection
         ctx.table.tag(x[-1], "act")
     return list(x)  # type: ignore[arg-type]
