@@ -84,12 +84,28 @@ def _dims_acted_on(ctx: RuleContext, rank: int) -> set[int]:
 
 
 # ---------------------------------------------------------------------- pointwise
-UNARY = _packets(
+ACTIVATION_NAMES = (
     "relu",
     "gelu",
     "silu",
     "sigmoid",
     "tanh",
+    "hardtanh",
+    "leaky_relu",
+    "elu",
+    "softplus",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "relu6",
+    "celu",
+    "selu",
+)
+ACTIVATIONS = set(_packets(*ACTIVATION_NAMES))
+# One tensor in, same dims out. In-place forms (relu_) reach this rule through rule_for; ops that
+# may take a second tensor (pow, clamp) are BINARY.
+UNARY = _packets(
+    *ACTIVATION_NAMES,
     "exp",
     "expm1",
     "log",
@@ -104,16 +120,7 @@ UNARY = _packets(
     "erf",
     "square",
     "sign",
-    "hardtanh",
-    "leaky_relu",
-    "elu",
-    "softplus",
-    "mish",
-    "hardswish",
-    "hardsigmoid",
-    "relu6",
     "logit",
-    "clamp",
     "clamp_min",
     "clamp_max",
     "clip",
@@ -139,43 +146,20 @@ UNARY = _packets(
     "trunc",
     "frac",
     "sgn",
-    "gelu_",
-    "silu_",
-    "relu_",
-    "pow",
     "fill",
     "_conj",
     "positive",
-    "celu",
-    "selu",
     "threshold",
-    "glu_placeholder",
 )
-ACTIVATIONS = set(
-    _packets(
-        "relu",
-        "gelu",
-        "silu",
-        "sigmoid",
-        "tanh",
-        "hardtanh",
-        "leaky_relu",
-        "elu",
-        "softplus",
-        "mish",
-        "hardswish",
-        "hardsigmoid",
-        "relu6",
-        "celu",
-        "selu",
-    )
-)
+# Softmax normalises over a dim: equivariant under any permutation of it, so it moves spaces as a
+# pointwise op does.
+SOFTMAX = _packets("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
 
 
-@register(*UNARY)
+@register(*UNARY, *SOFTMAX)
 def _unary(ctx: RuleContext) -> Value:
     tensors = ctx.tensor_args()
-    if len(tensors) != 1:  # e.g. pow(Tensor, Tensor): broadcasting
+    if len(tensors) != 1:  # e.g. type_as(Tensor, Tensor), fill(Tensor, Tensor): broadcasting
         return _broadcast(ctx)
     x = ctx.dims(tensors[0])
     if _functional(getattr(ctx.node.target, "overloadpacket", None)) in ACTIVATIONS and x:
@@ -224,7 +208,6 @@ BINARY = _packets(
     "clamp",
     "_softmax_backward_data",
     "threshold_backward",
-    "mse_loss_placeholder",
 )
 
 
@@ -248,12 +231,6 @@ def _broadcast(ctx: RuleContext) -> Value:
             else:
                 ctx.unify(out[j], d)  # type: ignore[arg-type]
     return [d if d is not None else ctx.table.fresh_dim(s) for d, s in zip(out, out_shape)]
-
-
-@register(*_packets("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"))
-def _same_dims(ctx: RuleContext) -> Value:
-    # Softmax normalises over a dim: equivariant under any permutation of it.
-    return list(ctx.dims(ctx.tensor_args()[0]) or [])
 
 
 @register(*_packets("native_dropout"))
