@@ -215,22 +215,27 @@ BINARY = _packets(
 def _broadcast(ctx: RuleContext) -> Value:
     """Elementwise with broadcasting: aligned non-broadcast dims are one space."""
     out_shape = ctx.out_shape()
-    rank = len(out_shape)
-    out: list[Dim | None] = [None] * rank
+    out: list[Dim | None] = [None] * len(out_shape)
     for x in ctx.tensor_args():
-        dims = ctx.dims(x) or []
-        shape = ctx.shape_of(x)
-        for i, d in enumerate(dims):
-            j = rank - len(dims) + i
-            if j < 0:
-                continue
-            if shape[i] == 1 and out_shape[j] != 1:
-                continue  # broadcast: constant along this dim, so it carries no space
-            if out[j] is None:
-                out[j] = d
-            else:
-                ctx.unify(out[j], d)  # type: ignore[arg-type]
+        _broadcast_into(ctx, x, out, out_shape)
     return [d if d is not None else ctx.table.fresh_dim(s) for d, s in zip(out, out_shape)]
+
+
+def _broadcast_into(ctx: RuleContext, x: Any, out: list[Dim | None], out_shape: list) -> None:
+    """Align ``x``'s dims with the trailing dims of ``out``: each dim that is not broadcast is the
+    space of its output dim (taken where that is still None, unified otherwise)."""
+    dims = ctx.dims(x)
+    if not dims:
+        return
+    shape = ctx.shape_of(x)
+    for i, d in enumerate(dims):
+        j = len(out) - len(dims) + i
+        if j < 0 or (shape[i] == 1 and out_shape[j] != 1):
+            continue  # broadcast: constant along this dim, so it carries no space
+        if out[j] is None:
+            out[j] = d
+        else:
+            ctx.unify(out[j], d)  # type: ignore[arg-type]
 
 
 @register(*_packets("native_dropout"))
@@ -425,17 +430,6 @@ def _addmm(ctx: RuleContext) -> Value:
     bias = ctx.arg("self")
     _broadcast_into(ctx, bias, out, ctx.out_shape())
     return out
-
-
-def _broadcast_into(ctx: RuleContext, x: Any, out: list[Dim], out_shape: list) -> None:
-    dims = ctx.dims(x)
-    if not dims:
-        return
-    shape = ctx.shape_of(x)
-    for i, d in enumerate(dims):
-        j = len(out) - len(dims) + i
-        if j >= 0 and not (shape[i] == 1 and out_shape[j] != 1):
-            ctx.unify(out[j], d)
 
 
 def _bmm_core(ctx: RuleContext, ad: list[Dim], bd: list[Dim], a: Any, b: Any) -> list[Dim]:
