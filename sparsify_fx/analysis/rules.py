@@ -397,21 +397,10 @@ def _linear(ctx: RuleContext) -> Value:
     x, w, b = ctx.arg("input"), ctx.arg("weight"), ctx.arg("bias")
     xd, wd = ctx.dims(x), ctx.dims(w)
     ctx.unify(xd[-1], wd[1])
-    ctx.role(w, 1, "in")
-    ctx.role(w, 0, "out")
+    _weight_roles(ctx, w, 1, 0)
     if b is not None and ctx.dims(b):
         ctx.unify(ctx.dims(b)[0], wd[0])
     return list(xd[:-1]) + [wd[0]]
-
-
-@register(aten.mm)
-def _mm(ctx: RuleContext) -> Value:
-    a, b = ctx.arg("self"), ctx.arg("mat2")
-    ad, bd = ctx.dims(a), ctx.dims(b)
-    ctx.unify(ad[1], bd[0])
-    _weight_roles(ctx, a, 1, 0)
-    _weight_roles(ctx, b, 0, 1)
-    return [ad[0], bd[1]]
 
 
 def _weight_roles(ctx: RuleContext, x: Any, contracted: int, free: int) -> None:
@@ -419,16 +408,24 @@ def _weight_roles(ctx: RuleContext, x: Any, contracted: int, free: int) -> None:
     ctx.role(x, free, "out")
 
 
-@register(aten.addmm)
-def _addmm(ctx: RuleContext) -> Value:
-    a, b = ctx.arg("mat1"), ctx.arg("mat2")
+def _mm_core(ctx: RuleContext, a: Any, b: Any) -> list[Dim]:
+    """[n, k] @ [k, m]: the contracted dims are one space."""
     ad, bd = ctx.dims(a), ctx.dims(b)
     ctx.unify(ad[1], bd[0])
     _weight_roles(ctx, a, 1, 0)
     _weight_roles(ctx, b, 0, 1)
-    out = [ad[0], bd[1]]
-    bias = ctx.arg("self")
-    _broadcast_into(ctx, bias, out, ctx.out_shape())
+    return [ad[0], bd[1]]
+
+
+@register(aten.mm)
+def _mm(ctx: RuleContext) -> Value:
+    return _mm_core(ctx, ctx.arg("self"), ctx.arg("mat2"))
+
+
+@register(aten.addmm)
+def _addmm(ctx: RuleContext) -> Value:
+    out = _mm_core(ctx, ctx.arg("mat1"), ctx.arg("mat2"))
+    _broadcast_into(ctx, ctx.arg("self"), out, ctx.out_shape())  # type: ignore[arg-type]
     return out
 
 
@@ -477,7 +474,7 @@ def _matmul(ctx: RuleContext) -> Value:
         return []
     if len(bd) == 1:
         ctx.unify(ad[-1], bd[0])
-        _weight_roles(ctx, b, 0, 0)
+        ctx.role(b, 0, "in")  # a vector operand has no free dim
         return ad[:-1]
     if len(ad) == 1:
         ctx.unify(ad[0], bd[-2])
