@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparsify_fx.analysis.context import RuleContext, Value
-from sparsify_fx.analysis.spaces import Dim, prod
+from sparsify_fx.analysis.spaces import Dim
 
 aten = torch.ops.aten
 Rule = Callable[[RuleContext], Value]
@@ -534,18 +534,16 @@ def _conv(ctx: RuleContext) -> Value:
         ctx.unify(xd[1], cin_w)
         cout = cout_w
     else:
-        g = t.fresh(groups)
-        cin_g = t.fresh(prod(a.size for a in xd[1]) // groups) if not transposed else None
-        x_in = (g, cin_g) if cin_g is not None else (g, t.fresh(prod(a.size for a in cin_w) // groups))
-        ctx.unify(xd[1], x_in)
-        if not transposed:
-            ctx.unify((cin_g,), cin_w)  # type: ignore[arg-type]
-            cout_g = t.fresh(out_shape[1] // groups)
-            ctx.unify(cout_w, (g, cout_g))
-            cout = (g, cout_g)
-        else:
-            ctx.unify(cin_w, x_in)
+        # the input channels are `groups` blocks; each block feeds only its own block of outputs
+        g, cin_g = t.fresh(groups), t.fresh(t.size(xd[1]) // groups)
+        ctx.unify(xd[1], (g, cin_g))
+        if transposed:  # weight [C_in, C_out / groups, ...]
+            ctx.unify(cin_w, (g, cin_g))
             cout = (g, *cout_w)
+        else:  # weight [C_out, C_in / groups, ...]
+            ctx.unify((cin_g,), cin_w)
+            cout = (g, t.fresh(out_shape[1] // groups))
+            ctx.unify(cout_w, cout)
     if b is not None and ctx.dims(b):
         ctx.unify(ctx.dims(b)[0], cout)
     for d in (xd[1], cout, cin_w, cout_w):
