@@ -15,9 +15,9 @@ from sparsify_fx.frontend.graph import TracedGraph
 log = logging.getLogger("sparsify_fx")
 aten = torch.ops.aten
 
-# Ops that only relabel a parameter's dims: a parameter seen through them keeps its provenance,
-# so roles ("this weight dim is contracted") are recorded against the parameter itself.
-_SAME_AXES = {
+# Ops that only relabel or reorder a parameter's dims: a parameter seen through them keeps its
+# provenance, so roles ("this weight dim is contracted") are recorded against the parameter itself.
+_LAYOUT = {
     aten._to_copy,
     aten.to,
     aten.clone,
@@ -26,26 +26,21 @@ _SAME_AXES = {
     aten.contiguous,
     aten.lift_fresh_copy,
     aten.type_as,
+    aten.t,
+    aten.transpose,
+    aten.permute,
 }
 
 
-def _new_axes(node: torch.fx.Node, axes: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
-    packet = getattr(node.target, "overloadpacket", None)
-    if packet in _SAME_AXES:
-        return axes
-    if packet is aten.t:
-        return axes[::-1]
-    if packet is aten.transpose:
-        a, b = (node.args[1], node.args[2])
-        n = len(axes)
-        a, b = a % n, b % n
-        out = list(axes)
-        out[a], out[b] = out[b], out[a]
-        return tuple(out)
-    if packet is aten.permute:
-        n = len(axes)
-        return tuple(axes[i % n] for i in node.args[1])
-    return None
+def _new_axes(src: Value, out: Value, axes: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
+    """The parameter axis of each output dim: layout rules return the very Dim objects they move,
+    so the rule's own result says where each axis went."""
+    if not isinstance(src, list) or not isinstance(out, list):
+        return None
+    where: dict[int, int] = {}
+    for i, d in enumerate(src):
+        where.setdefault(id(d), i)
+    return tuple(axes[where[id(d)]] if id(d) in where else None for d in out)
 
 
 def _submodule(gm: torch.fx.GraphModule, node: Any) -> torch.fx.GraphModule | None:
@@ -136,8 +131,8 @@ def _run(gm: torch.fx.GraphModule, graph: torch.fx.Graph, state: AnalysisState) 
             state.env[node] = _unruled(state, node, f"{op_name(node.target)} (rule failed: {exc})")
             continue
         src = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
-        if src is not None and src in state.provenance:
-            axes = _new_axes(node, state.provenance[src].axes)
+        if src in state.provenance and getattr(node.target, "overloadpacket", None) in _LAYOUT:
+            axes = _new_axes(state.env.get(src), state.env[node], state.provenance[src].axes)
             if axes is not None:
                 state.provenance[node] = Provenance(state.provenance[src].fqn, axes)
     return outputs
