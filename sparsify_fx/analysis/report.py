@@ -268,13 +268,16 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
                 by_class[cid].append(Member(fqn, d, size, tuple(occs), role_s, is_buffer))
 
     groups: list[Group] = []
+    inner_heads: dict[int, int] = {}  # kv-head group's class -> class of the query heads inside it
+    group_of: dict[int, Group] = {}
     pinned: list[PinnedSpace] = []
+    placeholders = {fqn: node for fqn, node, _ in members}
     head_classes = {cid for cid, r in roots.items() if "head" in r.marks or "bmm_batch" in r.marks}
     for cid, mems in by_class.items():
         root = roots[cid]
         if root.size == 1 or all(m.is_buffer for m in mems):
             continue
-        kind, group_size, inner_head = _classify(root, mems, roots, head_classes, state)
+        kind, group_size, inner_head = _classify(root, mems, head_classes, state, placeholders)
         if root.pins:
             io = ("model input", "model output", "embedding rows")
             if kind in ("ffn_channels", "channels", "conv_channels") and any(r.startswith(io) for r in root.pins):
@@ -286,27 +289,24 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
         if not prefix:  # no common module: name it after the layer that produces it
             producer = next((m.fqn for m in mems if m.role == "out" and not m.is_buffer), mems[0].fqn)
             prefix = producer.rpartition(".")[0]
-        groups.append(
-            Group(
-                "",
-                kind,
-                int(root.size),
-                unit,
-                sorted(mems, key=lambda m: (m.fqn, m.dim)),
-                _layer_of(prefix),
-                prefix,
-                group_size,
-            )
+        group_of[cid] = Group(
+            "",
+            kind,
+            int(root.size),
+            unit,
+            sorted(mems, key=lambda m: (m.fqn, m.dim)),
+            _layer_of(prefix),
+            prefix,
+            group_size,
         )
-        groups[-1]._class_id = cid  # type: ignore[attr-defined]
-        groups[-1]._inner_head = inner_head  # type: ignore[attr-defined]
+        groups.append(group_of[cid])
+        if inner_head is not None:
+            inner_heads[cid] = inner_head
 
     _name_groups(groups)
-    ids = {g._class_id: g for g in groups}  # type: ignore[attr-defined]
-    for g in groups:
-        inner = g._inner_head  # type: ignore[attr-defined]
-        if inner is not None and inner in ids:
-            ids[inner].kv_group = g.name
+    for cid, inner in inner_heads.items():
+        if inner in group_of:
+            group_of[inner].kv_group = group_of[cid].name
     order = {
         "attention_heads": 0,
         "kv_heads": 0,
@@ -322,7 +322,7 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
 
 
 def _classify(
-    root: Atom, mems: list[Member], roots: dict[int, Atom], head_classes: set[int], state: AnalysisState
+    root: Atom, mems: list[Member], head_classes: set[int], state: AnalysisState, placeholders: dict[str, object]
 ) -> tuple[str, int | None, int | None]:
     """Kind from structure alone: where the space sits in attention, convolutions and the stream."""
     t = state.table
@@ -331,7 +331,7 @@ def _classify(
         # a head class followed by another head class inside one parameter dim groups query heads:
         # it is the kv-head space of grouped-query attention
         for m in mems:
-            dims = state.env.get(_placeholder(state, m.fqn))
+            dims = state.env.get(placeholders[m.fqn])  # type: ignore[call-overload]
             if not isinstance(dims, list):
                 continue
             leaves = [t.find(x) for x in t.expand_dim(dims[m.dim])]
@@ -350,13 +350,6 @@ def _classify(
     if any(m.role == "out" for m in mems):
         return "ffn_channels", None, None
     return "channels", None, None
-
-
-def _placeholder(state: AnalysisState, fqn: str) -> object:
-    for node, prov in state.provenance.items():
-        if prov.fqn == fqn and node.op == "placeholder" and prov.axes == tuple(range(len(prov.axes))):
-            return node
-    return None
 
 
 def _name_groups(groups: list[Group]) -> None:
