@@ -68,7 +68,7 @@ def prod(sizes: Iterable[Size]) -> Size:
 class Atom:
     """A union-find element standing for an index set of a given size."""
 
-    __slots__ = ("id", "size", "parent", "rank", "ref", "pins", "marks", "tags", "owner")
+    __slots__ = ("id", "size", "parent", "rank", "ref", "pins", "marks", "tags")
 
     def __init__(self, id: int, size: Size) -> None:
         self.id = id
@@ -131,12 +131,6 @@ class SpaceTable:
                 out.extend(self.expand(c))
             return out
         return [r]
-
-    def flat(self, d: Dim) -> list[Atom]:
-        out: list[Atom] = []
-        for a in d:
-            out.extend(x for x in self.expand(a) if x.size != 1)
-        return out
 
     # ------------------------------------------------------------------ pins and marks
     def pin(self, atoms: Atom | Iterable[Atom], reason: str) -> None:
@@ -231,8 +225,7 @@ class SpaceTable:
 
     def unify_seq(self, xs: list[Atom], ys: list[Atom]) -> None:
         """Unify two products of atoms (major to minor), factoring atoms to align them."""
-        xs = [a for x in xs for a in self.expand(x) if a.size != 1]
-        ys = [a for y in ys for a in self.expand(y) if a.size != 1]
+        xs, ys = self.expand_dim(xs), self.expand_dim(ys)
         i = j = 0
         while i < len(xs) and j < len(ys):
             x, y = self.find(xs[i]), self.find(ys[j])
@@ -300,7 +293,8 @@ class SpaceTable:
             out.append(tuple(taken))
         return out
 
-    def expand_dim(self, d: Dim) -> list[Atom]:
+    def expand_dim(self, d: Sequence[Atom]) -> list[Atom]:
+        """Leaf sequence of a product of atoms, without the size-1 leaves (they index nothing)."""
         return [a for x in d for a in self.expand(x) if a.size != 1]
 
     def _opaque_reshape(self, dims: Sequence[Dim], out_sizes: Sequence[Size]) -> list[Dim]:
