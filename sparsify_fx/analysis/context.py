@@ -89,14 +89,12 @@ class RuleContext:
     def out_val(self) -> Any:
         return self.node.meta.get("val")
 
-    def out_shape(self, i: int | None = None) -> list[Size]:
-        val = self.out_val()
-        if i is not None:
-            val = val[i]
-        return [as_size(s) for s in val.shape]
+    def out_shape(self) -> list[Size]:
+        return self.shape_of(self.out_val())
 
-    def fresh(self, shape: Sequence[Size], pin: str | None = None) -> list[Dim]:
-        return [self.table.fresh_dim(s, pin) for s in shape]
+    def fresh(self, shape: Sequence[Any], pin: str | None = None) -> list[Dim]:
+        """Fresh dims for a shape (ints or SymInts)."""
+        return [self.table.fresh_dim(as_size(s), pin) for s in shape]
 
     def fresh_like_output(self, pin: str | None = None) -> Value:
         return fresh_value(self.table, self.out_val(), pin)
@@ -129,12 +127,9 @@ class RuleContext:
 
 
 def op_name(target: Any) -> str:
-    name = getattr(target, "__name__", None) or str(target)
     if isinstance(target, torch._ops.OpOverload):
-        return f"aten.{target._schema.name.split('::')[-1]}.{target._overloadname}".replace(
-            "aten.", f"{target.namespace}.", 1
-        )
-    return name
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    return getattr(target, "__name__", None) or str(target)
 
 
 def fresh_value(table: SpaceTable, val: Any, pin: str | None) -> Value:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparsify_fx.analysis.context import RuleContext, Value
-from sparsify_fx.analysis.spaces import Dim
+from sparsify_fx.analysis.spaces import Dim, as_size
 
 aten = torch.ops.aten
 Rule = Callable[[RuleContext], Value]
@@ -615,7 +615,7 @@ def _batch_norm(ctx: RuleContext) -> Value:
             if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == val[0].shape[1]:
                 outs.append([ch])
             elif isinstance(v, torch.Tensor):
-                outs.append(ctx.fresh([s for s in v.shape], "batch-norm auxiliary output"))
+                outs.append(ctx.fresh(v.shape, "batch-norm auxiliary output"))
             else:
                 outs.append(None)
         return outs
@@ -637,7 +637,7 @@ def _group_norm(ctx: RuleContext) -> Value:
             ctx.unify(ctx.dims(p)[0], xd[1])
     val = ctx.out_val()
     if isinstance(val, list | tuple):
-        return [list(xd)] + [ctx.fresh(list(v.shape), "group-norm statistics") for v in val[1:]]
+        return [list(xd)] + [ctx.fresh(v.shape, "group-norm statistics") for v in val[1:]]
     return list(xd)
 
 
@@ -696,7 +696,7 @@ def _sdpa(ctx: RuleContext) -> Value:
             if isinstance(x, torch.Tensor) and x.dim() == len(qd) - 1 and len(qd) >= 3:
                 extra.append(list(qd[:-1]))  # logsumexp: [..., H, L]
             elif isinstance(x, torch.Tensor):
-                extra.append(ctx.fresh(list(x.shape), "attention auxiliary output"))
+                extra.append(ctx.fresh(x.shape, "attention auxiliary output"))
             else:
                 extra.append(None)
         return [out, *extra]
@@ -787,10 +787,10 @@ def _repeat(ctx: RuleContext) -> Value:
     d = ctx.dims(x) or []
     reps = list(ctx.arg("repeats"))
     lead = len(reps) - len(d)
-    out = [ctx.table.fresh_dim(r) for r in reps[:lead]]
+    out = ctx.fresh(reps[:lead])
     for dd, r in zip(d, reps[lead:]):
         # tiling: out index = copy * n + i, and every copy is equal
-        out.append(dd if r == 1 else (ctx.table.fresh(r), *dd))
+        out.append(dd if r == 1 else (ctx.table.fresh(as_size(r)), *dd))
     return out
 
 
@@ -860,15 +860,14 @@ def _split(ctx: RuleContext) -> Value:
     outs = []
     start = 0
     for v in ctx.out_val():
-        n = int(v.shape[i]) if not isinstance(v.shape[i], torch.SymInt) else v.shape[i]
-        if not isinstance(n, int):
-            ctx.table.pin(d[i], "split with symbolic sizes")
-            od = list(d)
-            od[i] = ctx.table.fresh_dim(n, "split with symbolic sizes")
-        else:
-            od = list(d)
+        n = as_size(v.shape[i])
+        od = list(d)
+        if isinstance(n, int):
             od[i] = ctx.table.slice(d[i], start, n, "split cuts inside a unit")
             start += n
+        else:
+            ctx.table.pin(d[i], "split with symbolic sizes")
+            od[i] = ctx.table.fresh_dim(n, "split with symbolic sizes")
         outs.append(od)
     return outs
 
@@ -997,9 +996,9 @@ def _pool(ctx: RuleContext) -> Value:
     ctx.table.pin_dims(d[-n_spatial:], "pooling over positions")
     val = ctx.out_val()
     first = val[0] if isinstance(val, list | tuple) else val
-    out = list(d[:-n_spatial]) + ctx.fresh(list(first.shape)[-n_spatial:], "pooled positions")
+    out = list(d[:-n_spatial]) + ctx.fresh(first.shape[-n_spatial:], "pooled positions")
     if isinstance(val, list | tuple):
-        return [out] + [ctx.fresh(list(v.shape), "pooling indices") for v in val[1:]]
+        return [out] + [ctx.fresh(v.shape, "pooling indices") for v in val[1:]]
     return out
 
 
