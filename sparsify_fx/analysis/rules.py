@@ -942,17 +942,11 @@ def _index(ctx: RuleContext) -> Value:
         # the indexed output dims follow the index tensors and are pinned: so are the index tensors
         ctx.table.pin_dims(ctx.dims(indices[j]) or [], "advanced indexing indices")
     out_shape = ctx.out_shape()
-    n_rest = len(d) - len(indices)
-    adjacent = positions == list(range(positions[0], positions[-1] + 1)) if positions else True
-    before = [d[j] for j in range(positions[0]) if j not in positions] if adjacent and positions else []
-    after = [d[j] for j in range(len(indices)) if j > positions[-1] and j not in positions] if positions else []
-    keep_none = [d[j] for j in range(len(indices)) if j not in positions]
-    tail = list(d[len(indices) :]) if n_rest > 0 else []
-    if adjacent:
-        mid = len(out_shape) - len(before) - len(after) - len(tail)
-        return before + ctx.fresh(out_shape[len(before) : len(before) + mid], "indexed") + after + tail
-    mid = len(out_shape) - len(keep_none) - len(tail)
-    return ctx.fresh(out_shape[:mid], "indexed") + keep_none + tail
+    kept = [dd for j, dd in enumerate(d) if j not in positions]
+    n_indexed = len(out_shape) - len(kept)  # dims of the index tensors' broadcast shape
+    # adjacent index tensors put their dims where the indexed dims were; separated ones put them first
+    at = positions[0] if positions == list(range(positions[0], positions[-1] + 1)) else 0
+    return kept[:at] + ctx.fresh(out_shape[at : at + n_indexed], "indexed") + kept[at:]
 
 
 @register(
