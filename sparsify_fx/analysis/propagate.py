@@ -128,7 +128,7 @@ def _run(gm: torch.fx.GraphModule, graph: torch.fx.Graph, state: AnalysisState) 
             state.env[node] = rule(ctx)
         except Exception as exc:  # a rule that cannot handle this call is a missing rule, not a crash
             log.debug("rule for %s failed on %s: %s", op_name(node.target), node.format_node(), exc)
-            state.env[node] = _unruled(state, node, f"{op_name(node.target)} (rule failed: {exc})")
+            state.env[node] = _unruled(state, node, f"{op_name(node.target)} (rule failed: {exc})", "no usable rule")
             continue
         src = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
         if src in state.provenance and getattr(node.target, "overloadpacket", None) in _LAYOUT:
@@ -146,9 +146,9 @@ def _flat(x: Any) -> list[Any]:
     return [x]
 
 
-def _unruled(state: AnalysisState, node: torch.fx.Node, name: str) -> Value:
+def _unruled(state: AnalysisState, node: torch.fx.Node, name: str, why: str = "no rule") -> Value:
     """No rule: pin every dim in and out of the node. Sound, and the reason names the op."""
-    reason = f"no rule for {name}" if "rule failed" not in name else f"no usable rule for {name}"
+    reason = f"{why} for {name}"
     state.unruled[name] = state.unruled.get(name, 0) + 1
     ctx = RuleContext(state, node)
     ctx.pin_inputs(reason)
