@@ -19,8 +19,6 @@ from sparsify_fx.passes.permute import permute
 TOL = 1e-5  # fp32 relative error for permuted vs original outputs and input gradients
 
 
-
-
 def random_perm(n: int, g: torch.Generator) -> torch.Tensor:
     if n < 2:
         return torch.arange(n)
