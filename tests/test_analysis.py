@@ -320,9 +320,35 @@ class UnbatchedPool(torch.nn.Module):
         return self.c(torch.nn.functional.max_pool2d(y, 2).reshape(16))
 
 
+class AlongBatch(torch.nn.Module):
+    """An order-dependent op along the batch dim whose output shape differs from its input's: the
+    channels it carries through must stay the producers' space."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a = torch.nn.Linear(4, 8)
+        self.c = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x), self.c(x)))
+
+
+ALONG_BATCH = {
+    "topk": lambda y, z: torch.topk(y, 2, dim=0).values,
+    "sort_indices": lambda y, z: torch.sort(y, dim=0).indices.float(),
+    "argmax_keepdim": lambda y, z: torch.argmax(y, dim=0, keepdim=True).float(),
+    "cummax": lambda y, z: torch.cummax(y, dim=0).values,
+    "diff": lambda y, z: torch.diff(y, dim=0),
+    "diff_prepend": lambda y, z: torch.diff(y, dim=0, prepend=z[:1]),
+}
+
+
 @pytest.mark.parametrize(
     "make, shape",
     [
+        *[(lambda op=op: AlongBatch(op), (3, 4)) for op in ALONG_BATCH.values()],
         (Roll, (2, 4)),
         (GatherPrefix, (2, 4)),
         (lambda: IndexByActivation(False), (2, 4)),
@@ -330,7 +356,7 @@ class UnbatchedPool(torch.nn.Module):
         (SliceFromFarNegative, (2, 4)),
         (UnbatchedPool, (2, 5, 4)),
     ],
-    ids=["roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool"],
+    ids=[*ALONG_BATCH, "roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool"],
 )
 def test_op_rules_keep_groups_sound(make, shape):
     torch.manual_seed(0)

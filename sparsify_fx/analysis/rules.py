@@ -380,15 +380,39 @@ def _reduction_with_indices(ctx: RuleContext) -> Value:
     )
 )
 def _order_dependent(ctx: RuleContext) -> Value:
-    """Ops whose result depends on the order along a dim: that dim is pinned, others pass."""
-    x = ctx.dims(ctx.tensor_args()[0]) or []
-    for d in _dims_acted_on(ctx, len(x)):
+    """Ops whose result depends on the order along some dims (all of them when no dim is given):
+    those dims are pinned. They act on each slice along the other dims on its own, so every other
+    dim passes to each output as the same space, whatever the acted dims become (topk's k, diff's
+    n - 1, argmax dropping the dim)."""
+    first, *joined = ctx.tensor_args()
+    x, shape = ctx.dims(first) or [], ctx.shape_of(first)
+    acted = _dims_acted_on(ctx, len(x))
+    reason = f"{ctx.op_name()} depends on order along this dim"
+    for d in acted:
         if d < len(x):
-            ctx.table.pin(x[d], f"{ctx.op_name()} depends on order along this dim")
+            ctx.table.pin(x[d], reason)
+    kept = [j for j in range(len(x)) if j not in acted]
+    for other in joined:  # diff's prepend/append: joined to the input along the acted dim
+        od, oshape = ctx.dims(other) or [], ctx.shape_of(other)
+        if len(od) != len(x) or any(oshape[j] != shape[j] for j in kept):
+            ctx.table.pin_dims([*od, *x], f"{ctx.op_name()} joins tensors of unaligned shapes")
+            continue
+        for j in kept:
+            ctx.unify(od[j], x[j])
+        ctx.table.pin_dims([od[j] for j in acted], reason)
+
+    def passed(v: Any) -> Value:
+        if not isinstance(v, torch.Tensor):
+            return None
+        vshape = ctx.shape_of(v)
+        src = range(len(x)) if len(vshape) == len(x) else kept if len(vshape) == len(kept) else None
+        if src is None or any(vshape[i] != shape[j] for i, j in enumerate(src) if j not in acted):
+            ctx.table.pin_dims(x, f"{ctx.op_name()} output of unexpected shape")
+            return ctx.fresh(vshape, f"{ctx.op_name()} output")
+        return [x[j] if vshape[i] == shape[j] else ctx.table.fresh_dim(vshape[i], reason) for i, j in enumerate(src)]
+
     val = ctx.out_val()
-    if isinstance(val, torch.Tensor) and list(val.shape) == [s for s in ctx.shape_of(ctx.tensor_args()[0])]:
-        return list(x)
-    return ctx.fresh_like_output(f"{ctx.op_name()} output")
+    return [passed(v) for v in val] if isinstance(val, list | tuple) else passed(val)
 
 
 # ---------------------------------------------------------------------- linear algebra
