@@ -367,6 +367,25 @@ def test_op_rules_keep_groups_sound(make, shape):
     check_groups_are_symmetries(model, (x,), rep)
 
 
+class MaskedSum(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.c = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        # a 2-d boolean mask consumes both dims of the activation: which channels it keeps is data
+        return torch.relu(self.a(x))[self.c(x) > 0].sum()
+
+
+def test_boolean_mask_index_pins_every_dim_it_covers():
+    model = MaskedSum().eval()
+    x = torch.randn(3, 4)
+    rep = sparsify_fx.analyze(model, (x,))
+    assert not any(m.fqn.startswith("a.") for g in rep.groups for m in g.members), rep.table()
+    check_groups_are_symmetries(model, (x,), rep)
+
+
 class AminmaxOverChannels(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

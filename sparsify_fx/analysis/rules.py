@@ -959,12 +959,18 @@ def _gather(ctx: RuleContext) -> Value:
 def _index(ctx: RuleContext) -> Value:
     x = ctx.arg("self")
     d = ctx.dims(x) or []
-    indices = ctx.arg("indices")
-    positions = [j for j, ix in enumerate(indices) if ix is not None]
-    for j in positions:
-        ctx.table.pin(d[j], "advanced indexing with data-dependent indices")
-        # the indexed output dims follow the index tensors and are pinned: so are the index tensors
-        ctx.table.pin_dims(ctx.dims(indices[j]) or [], "advanced indexing indices")
+    positions: list[int] = []  # the dims of x that the index tensors consume
+    j = 0
+    for ix in ctx.arg("indices"):
+        val = ix.meta.get("val") if isinstance(ix, torch.fx.Node) else None
+        # a boolean mask stands for one index tensor per mask dim: it consumes that many dims of x
+        n = val.dim() if isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8) else 1
+        if ix is not None:
+            positions.extend(range(j, j + n))
+            # the indexed output dims follow the index tensors and are pinned: so are the index tensors
+            ctx.table.pin_dims(ctx.dims(ix) or [], "advanced indexing indices")
+        j += n
+    ctx.table.pin_dims([d[j] for j in positions], "advanced indexing with data-dependent indices")
     out_shape = ctx.out_shape()
     kept = [dd for j, dd in enumerate(d) if j not in positions]
     n_indexed = len(out_shape) - len(kept)  # dims of the index tensors' broadcast shape
