@@ -309,6 +309,17 @@ class SliceFromFarNegative(torch.nn.Module):
         return self.b(y[:, -100:5]) + self.c(y[:, 5:])  # a start before -size clamps to 0
 
 
+class PadShift(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        # pad (1, -1) keeps the size and shifts the channels by one: their order matters
+        return self.b(torch.nn.functional.pad(self.a(x), (1, -1)))
+
+
 class UnbatchedPool(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -355,8 +366,12 @@ ALONG_BATCH = {
         (lambda: IndexByActivation(True), (2, 4)),
         (SliceFromFarNegative, (2, 4)),
         (UnbatchedPool, (2, 5, 4)),
+        (PadShift, (2, 4)),
     ],
-    ids=[*ALONG_BATCH, "roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool"],
+    ids=[
+        *ALONG_BATCH,
+        *["roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool", "pad_shift"],
+    ],
 )
 def test_op_rules_keep_groups_sound(make, shape):
     torch.manual_seed(0)

@@ -988,8 +988,11 @@ def _pad(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = list(ctx.dims(x) or [])
     in_shape, out_shape = ctx.shape_of(x), ctx.out_shape()
+    pads = list(ctx.arg("pad", ctx.arg("padding", [])))  # (before, after) per dim, last dim first
     for j, (a, b) in enumerate(zip(in_shape, out_shape)):
-        if a != b:
+        k = len(d) - 1 - j
+        # pad (1, -1) keeps the size but shifts every index: the amounts decide, not the sizes
+        if a != b or any(p != 0 for p in pads[2 * k : 2 * k + 2]):
             ctx.table.pin(d[j], "padding appends positions")
             d[j] = ctx.table.fresh_dim(b, "padding appends positions")
     return d
