@@ -401,6 +401,39 @@ def test_boolean_mask_index_pins_every_dim_it_covers():
     check_groups_are_symmetries(model, (x,), rep)
 
 
+class FusedAttentionBias(torch.nn.Module):
+    """Per-head attention bias through the fused kernel's own op (named attn_bias there); eager
+    runs compute the same function with the math kernel, which CPUs have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.o = torch.nn.Linear(8, 8)
+        self.bias = torch.nn.Parameter(torch.randn(1, 2, 5, 5))
+        self.fused = False
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        bias = self.bias.expand(b, 2, t, t)
+        if self.fused:
+            y = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False)[0]
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(y.transpose(1, 2).reshape(b, t, 8))
+
+
+def test_fused_attention_bias_moves_with_the_heads():
+    model = FusedAttentionBias().eval()
+    x = torch.randn(2, 5, 8)
+    model.fused = True
+    rep = sparsify_fx.analyze(model, (x,))
+    model.fused = False
+    heads = rep.by_kind("attention_heads")
+    assert len(heads) == 1 and ("bias", 1) in {(m.fqn, m.dim) for m in heads[0].members}, rep.table()
+    check_groups_are_symmetries(model, (x,), rep)
+
+
 class AminmaxOverChannels(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -704,15 +704,16 @@ def _sdpa(ctx: RuleContext) -> Value:
             ctx.unify(kd[i], vd[i])
     t.mark(qd[-1], "head_dim")
     t.mark(vd[-1], "head_dim")
-    mask = ctx.arg("attn_mask")
     l_dim, s_dim = qd[-2], kd[-2]
     if ctx.arg("is_causal", False):
         t.pin(l_dim, "causal attention orders positions")
         t.pin(s_dim, "causal attention orders positions")
     out = list(qd[:-1]) + [vd[-1]]
-    if mask is not None and ctx.dims(mask):
-        scores = list(qd[:-1]) + [s_dim]
-        _broadcast_into(ctx, mask, scores, ctx.shape_of(q)[:-1] + [ctx.shape_of(k)[-2]])
+    scores = list(qd[:-1]) + [s_dim]
+    # the mask (attn_bias in the fused kernels' schemas) and a dropout mask act elementwise on the scores
+    for name in ("attn_mask", "attn_bias", "dropout_mask"):
+        if ctx.dims(ctx.arg(name)):
+            _broadcast_into(ctx, ctx.arg(name), scores, ctx.shape_of(q)[:-1] + [ctx.shape_of(k)[-2]])
     val = ctx.out_val()
     if isinstance(val, list | tuple):
         extra: list[Any] = []
