@@ -320,6 +320,18 @@ class PadShift(torch.nn.Module):
         return self.b(torch.nn.functional.pad(self.a(x), (1, -1)))
 
 
+class OuterProduct(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 3)
+        self.b = torch.nn.Linear(9, 2)
+
+    def forward(self, x):
+        # b's input index is i * 3 + j with both digits a's channels: a permutation moves both
+        h = self.a(x)
+        return self.b((h[:, :, None] * h[:, None, :]).reshape(x.shape[0], 9))
+
+
 class UnbatchedPool(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -367,10 +379,12 @@ ALONG_BATCH = {
         (SliceFromFarNegative, (2, 4)),
         (UnbatchedPool, (2, 5, 4)),
         (PadShift, (2, 4)),
+        (OuterProduct, (5, 4)),
     ],
     ids=[
         *ALONG_BATCH,
         *["roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool", "pad_shift"],
+        "outer_product",
     ],
 )
 def test_op_rules_keep_groups_sound(make, shape):

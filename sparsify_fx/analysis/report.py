@@ -50,13 +50,13 @@ class Member:
         """Index along ``dim`` such that ``p.index_select(dim, index)`` applies the unit permutation
         (new unit ``u`` takes old unit ``perm[u]``)."""
         perm_t = torch.as_tensor(perm, dtype=torch.long)
-        idx = torch.arange(self.size)
-        new = idx.clone()
+        new = torch.arange(self.size)
+        # each occurrence permutes the index left by the ones before: a space that is two digits of
+        # one dim (an outer product flattened) must have both digits permuted
         for occ in self.occurrences:
             for base in occ.offsets:
                 span = occ.units * occ.inner
-                block = idx[base : base + span].view(occ.units, occ.inner)
-                new[base : base + span] = block[perm_t].reshape(-1)
+                new[base : base + span] = new[base : base + span].view(occ.units, occ.inner)[perm_t].reshape(-1)
         return new
 
 
