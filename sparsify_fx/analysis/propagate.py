@@ -120,6 +120,9 @@ def _run(gm: torch.fx.GraphModule, graph: torch.fx.Graph, state: AnalysisState) 
             state.env[node] = _higher_order(gm, node, state)
             continue
         rule = rule_for(node.target)
+        if rule is None and _scalar_only(state, node):
+            state.env[node] = None  # no tensor in or out: no space passes, nothing to pin
+            continue
         if rule is None:
             state.env[node] = _unruled(state, node, op_name(node.target))
             continue
@@ -136,6 +139,13 @@ def _run(gm: torch.fx.GraphModule, graph: torch.fx.Graph, state: AnalysisState) 
             if axes is not None:
                 state.provenance[node] = Provenance(state.provenance[src].fqn, axes)
     return outputs
+
+
+def _scalar_only(state: AnalysisState, node: torch.fx.Node) -> bool:
+    """Python arithmetic on sizes, such as export's checks of a data-dependent size (u0 >= 0)."""
+    return not RuleContext(state, node).tensor_args() and not any(
+        isinstance(v, torch.Tensor) for v in _flat(node.meta.get("val"))
+    )
 
 
 def _flat(x: Any) -> list[Any]:
