@@ -587,18 +587,21 @@ def _embedding(ctx: RuleContext) -> Value:
 
 
 # ---------------------------------------------------------------------- normalisation
+def _per_element(ctx: RuleContext, names: Sequence[str], dims: Sequence[Dim]) -> None:
+    """Parameters applied element by element (affine weight and bias, running statistics) carry
+    the dims they are applied along, in order."""
+    for name in names:
+        for pd, d in zip(ctx.dims(ctx.arg(name)) or [], dims):
+            ctx.unify(pd, d)
+
+
 @register(*_packets("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"))
 def _layer_norm(ctx: RuleContext) -> Value:
     x = ctx.arg("input")
     xd = ctx.dims(x)
     k = len(ctx.arg("normalized_shape"))
-    # the normalisation reduces over the last k dims (permutation invariant); the affine
-    # parameters are per-element, so they carry those dims
-    for name in ("weight", "bias"):
-        p = ctx.arg(name)
-        if p is not None and ctx.dims(p):
-            for pd, d in zip(ctx.dims(p), xd[-k:]):
-                ctx.unify(pd, d)
+    # the normalisation reduces over the last k dims (permutation invariant)
+    _per_element(ctx, ("weight", "bias"), xd[-k:])
     out = list(xd)
     val = ctx.out_val()
     if isinstance(val, list | tuple):
@@ -627,10 +630,7 @@ def _batch_norm(ctx: RuleContext) -> Value:
     x = ctx.arg("input")
     xd = ctx.dims(x)
     ch = xd[1]
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        p = ctx.arg(name)
-        if p is not None and ctx.dims(p):
-            ctx.unify(ctx.dims(p)[0], ch)
+    _per_element(ctx, ("weight", "bias", "running_mean", "running_var"), [ch])
     ctx.table.mark(ch, "norm_channel")
     val = ctx.out_val()
     if isinstance(val, list | tuple):
@@ -655,10 +655,7 @@ def _group_norm(ctx: RuleContext) -> Value:
     g = ctx.table.fresh(groups)
     per = ctx.table.fresh(c // groups)
     ctx.unify(xd[1], (g, per))
-    for name in ("weight", "bias"):
-        p = ctx.arg(name)
-        if p is not None and ctx.dims(p):
-            ctx.unify(ctx.dims(p)[0], xd[1])
+    _per_element(ctx, ("weight", "bias"), [xd[1]])
     val = ctx.out_val()
     if isinstance(val, list | tuple):
         return [list(xd)] + [ctx.fresh(v.shape, "group-norm statistics") for v in val[1:]]
