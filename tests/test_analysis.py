@@ -320,6 +320,18 @@ class PadShift(torch.nn.Module):
         return self.b(torch.nn.functional.pad(self.a(x), (1, -1)))
 
 
+class PoolIndices(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(4, 6, 1)
+        self.b = torch.nn.Linear(6 * 16, 3)
+
+    def forward(self, x):
+        # the indices of each channel's maxima come out in that channel's place
+        _, idx = torch.nn.functional.max_pool2d(self.a(x), 2, return_indices=True)
+        return self.b(idx.float().flatten(1))
+
+
 class OuterProduct(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -380,11 +392,12 @@ ALONG_BATCH = {
         (UnbatchedPool, (2, 5, 4)),
         (PadShift, (2, 4)),
         (OuterProduct, (5, 4)),
+        (PoolIndices, (2, 4, 8, 8)),
     ],
     ids=[
         *ALONG_BATCH,
         *["roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool", "pad_shift"],
-        "outer_product",
+        *["outer_product", "pool_indices"],
     ],
 )
 def test_op_rules_keep_groups_sound(make, shape):

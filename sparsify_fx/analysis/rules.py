@@ -1023,7 +1023,8 @@ def _pool(ctx: RuleContext) -> Value:
     first = val[0] if isinstance(val, list | tuple) else val
     out = list(d[:-n_spatial]) + ctx.fresh(first.shape[-n_spatial:], "pooled positions")
     if isinstance(val, list | tuple):
-        return [out] + [ctx.fresh(v.shape, "pooling indices") for v in val[1:]]
+        # indices name a position inside their own channel's plane: they move with the channels
+        return [out] + [list(out) if v.shape == first.shape else ctx.fresh(v.shape, "pooling indices") for v in val[1:]]
     return out
 
 
