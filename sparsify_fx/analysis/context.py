@@ -96,8 +96,12 @@ class RuleContext:
         """Fresh dims for a shape (ints or SymInts)."""
         return [self.table.fresh_dim(as_size(s), pin) for s in shape]
 
+    def fresh_like(self, val: Any, pin: str | None = None) -> Value:
+        """Fresh dims for a tensor or a tuple of them; None for anything else."""
+        return fresh_value(self.table, val, pin)
+
     def fresh_like_output(self, pin: str | None = None) -> Value:
-        return fresh_value(self.table, self.out_val(), pin)
+        return self.fresh_like(self.out_val(), pin)
 
     # ------------------------------------------------------------------ facts
     def unify(self, a: Dim, b: Dim) -> None:

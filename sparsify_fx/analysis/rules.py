@@ -634,15 +634,13 @@ def _batch_norm(ctx: RuleContext) -> Value:
     ctx.table.mark(ch, "norm_channel")
     val = ctx.out_val()
     if isinstance(val, list | tuple):
-        outs: list[Any] = [list(xd)]
-        for v in val[1:]:
-            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == val[0].shape[1]:
-                outs.append([ch])
-            elif isinstance(v, torch.Tensor):
-                outs.append(ctx.fresh(v.shape, "batch-norm auxiliary output"))
-            else:
-                outs.append(None)
-        return outs
+        c = val[0].shape[1]
+        return [list(xd)] + [
+            [ch]
+            if isinstance(v, torch.Tensor) and v.shape == (c,)
+            else ctx.fresh_like(v, "batch-norm auxiliary output")
+            for v in val[1:]
+        ]
     return list(xd)
 
 
@@ -658,7 +656,7 @@ def _group_norm(ctx: RuleContext) -> Value:
     _per_element(ctx, ("weight", "bias"), [xd[1]])
     val = ctx.out_val()
     if isinstance(val, list | tuple):
-        return [list(xd)] + [ctx.fresh(v.shape, "group-norm statistics") for v in val[1:]]
+        return [list(xd)] + [ctx.fresh_like(v, "group-norm statistics") for v in val[1:]]
     return list(xd)
 
 
@@ -713,15 +711,13 @@ def _sdpa(ctx: RuleContext) -> Value:
             _broadcast_into(ctx, ctx.arg(name), scores, ctx.shape_of(q)[:-1] + [ctx.shape_of(k)[-2]])
     val = ctx.out_val()
     if isinstance(val, list | tuple):
-        extra: list[Any] = []
-        for x in val[1:]:
-            if isinstance(x, torch.Tensor) and x.dim() == len(qd) - 1 and len(qd) >= 3:
-                extra.append(list(qd[:-1]))  # logsumexp: [..., H, L]
-            elif isinstance(x, torch.Tensor):
-                extra.append(ctx.fresh(x.shape, "attention auxiliary output"))
-            else:
-                extra.append(None)
-        return [out, *extra]
+        lse = len(qd) - 1 if len(qd) >= 3 else None  # the rank of logsumexp: [..., H, L]
+        return [out] + [
+            list(qd[:-1])
+            if isinstance(x, torch.Tensor) and x.dim() == lse
+            else ctx.fresh_like(x, "attention auxiliary output")
+            for x in val[1:]
+        ]
     return out
 
 
@@ -1024,7 +1020,7 @@ def _pool(ctx: RuleContext) -> Value:
     out = list(d[:-n_spatial]) + ctx.fresh(first.shape[-n_spatial:], "pooled positions")
     if isinstance(val, list | tuple):
         # indices name a position inside their own channel's plane: they move with the channels
-        return [out] + [list(out) if v.shape == first.shape else ctx.fresh(v.shape, "pooling indices") for v in val[1:]]
+        return [out] + [list(out) if v.shape == first.shape else ctx.fresh_like(v, "pooling indices") for v in val[1:]]
     return out
 
 
