@@ -453,8 +453,9 @@ def _addmm(ctx: RuleContext) -> Value:
     return out
 
 
-def _bmm_core(ctx: RuleContext, ad: list[Dim], bd: list[Dim], a: Any, b: Any) -> list[Dim]:
+def _bmm_core(ctx: RuleContext, a: Any, b: Any) -> list[Dim]:
     """[..., n, k] @ [..., k, m] with broadcasting batch dims."""
+    ad, bd = ctx.dims(a), ctx.dims(b)
     ctx.unify(ad[-1], bd[-2])
     a_shape, b_shape = ctx.shape_of(a), ctx.shape_of(b)
     ab, bb = ad[:-2], bd[:-2]
@@ -477,14 +478,12 @@ def _bmm_core(ctx: RuleContext, ad: list[Dim], bd: list[Dim], a: Any, b: Any) ->
 
 @register(aten.bmm)
 def _bmm(ctx: RuleContext) -> Value:
-    a, b = ctx.arg("self"), ctx.arg("mat2")
-    return _bmm_core(ctx, ctx.dims(a), ctx.dims(b), a, b)
+    return _bmm_core(ctx, ctx.arg("self"), ctx.arg("mat2"))
 
 
 @register(aten.baddbmm)
 def _baddbmm(ctx: RuleContext) -> Value:
-    a, b = ctx.arg("batch1"), ctx.arg("batch2")
-    out = _bmm_core(ctx, ctx.dims(a), ctx.dims(b), a, b)
+    out = _bmm_core(ctx, ctx.arg("batch1"), ctx.arg("batch2"))
     _broadcast_into(ctx, ctx.arg("self"), out, ctx.out_shape())
     return out
 
@@ -505,7 +504,7 @@ def _matmul(ctx: RuleContext) -> Value:
         return bd[:-2] + [bd[-1]]
     if len(bd) == 2:
         _weight_roles(ctx, b, 0, 1)
-    return _bmm_core(ctx, ad, bd, a, b)
+    return _bmm_core(ctx, a, b)
 
 
 @register(aten.einsum)
