@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,9 +24,6 @@ class Occurrence:
     units: int
     inner: int
     tags: frozenset[str] = frozenset()
-
-    def unit_range(self, base: int, start: int, stop: int) -> tuple[int, int]:
-        return base + start * self.inner, base + stop * self.inner
 
 
 @dataclass(frozen=True)
@@ -194,12 +192,7 @@ def _occurrences(t: SpaceTable, dims: Sequence[Atom]) -> list[tuple[Atom, Occurr
     sizes = [int(a.size) for a in dims]
     out: list[tuple[Atom, Occurrence]] = []
     for i, a in enumerate(dims):
-        after = 1
-        for s in sizes[i + 1 :]:
-            after *= s
-        before = 1
-        for s in sizes[:i]:
-            before *= s
+        before, after = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
         for root, occ in _atom_occurrences(t, a, frozenset()):
             offs = tuple(o * sizes[i] * after + off * after for o in range(before) for off in occ.offsets)
             out.append((root, Occurrence(offs, occ.units, occ.inner * after, occ.tags)))
@@ -243,6 +236,18 @@ def _common_prefix(fqns: Sequence[str]) -> str:
     return ".".join(common)
 
 
+# groups of one layer are listed heads first, the residual stream last
+_KIND_ORDER = {
+    "attention_heads": 0,
+    "kv_heads": 0,
+    "head_dim": 1,
+    "ffn_channels": 2,
+    "conv_channels": 2,
+    "channels": 3,
+    "hidden": 4,
+}
+
+
 def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], source: str) -> CouplingReport:
     t = state.table
     t.finalize()
@@ -259,15 +264,12 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
             for root, occ in _occurrences(t, dim):
                 per_class[root.id].append(occ)
                 roots[root.id] = root
-            size = 1
-            for a in dim:
-                size *= int(a.size)
+            size = math.prod(int(a.size) for a in dim)
             role = state.roles.get((fqn, d))
             role_s = "in" if role and "in" in role else ("out" if role and "out" in role else None)
             for cid, occs in per_class.items():
                 by_class[cid].append(Member(fqn, d, size, tuple(occs), role_s, is_buffer))
 
-    groups: list[Group] = []
     inner_heads: dict[int, int] = {}  # kv-head group's class -> class of the query heads inside it
     group_of: dict[int, Group] = {}
     pinned: list[PinnedSpace] = []
@@ -299,24 +301,15 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
             prefix,
             group_size,
         )
-        groups.append(group_of[cid])
         if inner_head is not None:
             inner_heads[cid] = inner_head
 
+    groups = list(group_of.values())
     _name_groups(groups)
     for cid, inner in inner_heads.items():
         if inner in group_of:
             group_of[inner].kv_group = group_of[cid].name
-    order = {
-        "attention_heads": 0,
-        "kv_heads": 0,
-        "head_dim": 1,
-        "ffn_channels": 2,
-        "conv_channels": 2,
-        "channels": 3,
-        "hidden": 4,
-    }
-    groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, order.get(g.kind, 5), g.name))
+    groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, _KIND_ORDER.get(g.kind, 5), g.name))
     pinned.sort(key=lambda p: (p.kind, p.members[0] if p.members else ("", 0)))
     return CouplingReport(groups, pinned, dict(state.unruled), source)
 
