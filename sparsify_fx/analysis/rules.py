@@ -13,7 +13,6 @@ Rules are keyed by ATen overload packet (``aten.linear``), so the same rule serv
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -528,24 +527,20 @@ def _einsum(ctx: RuleContext) -> Value:
     return [letters[ch] if ch in letters else ctx.table.fresh_dim(1) for ch in rhs]
 
 
-@register(
-    *_packets(
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "convolution",
-        "_convolution",
-        "conv_transpose1d",
-        "conv_transpose2d",
-        "conv_transpose3d",
-    )
-)
+@register(*_packets("conv1d", "conv2d", "conv3d", "convolution", "_convolution"))
 def _conv(ctx: RuleContext) -> Value:
+    return _conv_core(ctx, bool(ctx.arg("transposed", False)))
+
+
+@register(*_packets("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
+def _conv_transpose(ctx: RuleContext) -> Value:
+    return _conv_core(ctx, True)
+
+
+def _conv_core(ctx: RuleContext, transposed: bool) -> Value:
     x, w, b = ctx.arg("input"), ctx.arg("weight"), ctx.arg("bias")
     xd, wd = ctx.dims(x), ctx.dims(w)
     groups = int(ctx.arg("groups", 1))
-    name = str(getattr(ctx.node.target, "overloadpacket", ctx.node.target))
-    transposed = bool(ctx.arg("transposed", False)) or "transpose" in name
     t = ctx.table
     # kernel taps are positions: never permutable
     t.pin_dims(wd[2:], "convolution kernel positions")
@@ -991,14 +986,16 @@ def _pad(ctx: RuleContext) -> Value:
     return d
 
 
+@register(*_packets("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d"))
+def _pool1d(ctx: RuleContext) -> Value:
+    return _pool(ctx, 1)
+
+
 @register(
     *_packets(
         "max_pool2d",
         "avg_pool2d",
-        "max_pool1d",
-        "avg_pool1d",
         "adaptive_avg_pool2d",
-        "adaptive_avg_pool1d",
         "adaptive_max_pool2d",
         "max_pool2d_with_indices",
         "_adaptive_avg_pool2d",
@@ -1006,13 +1003,15 @@ def _pad(ctx: RuleContext) -> Value:
         "upsample_bilinear2d",
     )
 )
-def _pool(ctx: RuleContext) -> Value:
-    # Pooling acts per channel over spatial positions: channels pass through, positions are pinned.
-    # The op's name says how many trailing dims are positions (max_pool2d: 2); the input may be
-    # unbatched, so counting from the front would take a position dim for the channels.
+def _pool2d(ctx: RuleContext) -> Value:
+    return _pool(ctx, 2)
+
+
+def _pool(ctx: RuleContext, n_spatial: int) -> Value:
+    """Pooling acts per channel over the last ``n_spatial`` dims: channels pass through, positions
+    are pinned. Counted from the back, as the input may be unbatched."""
     x = ctx.tensor_args()[0]
     d = ctx.dims(x) or []
-    n_spatial = int(re.search(r"(\d)d", ctx.node.target.overloadpacket.__name__).group(1))  # type: ignore[union-attr]
     ctx.table.pin_dims(d[-n_spatial:], "pooling over positions")
     val = ctx.out_val()
     first = val[0] if isinstance(val, list | tuple) else val
