@@ -72,6 +72,11 @@ def _dim_list(dim: int | Sequence[int], rank: int) -> list[int]:
     return [_norm_dim(d, rank) for d in (dim if isinstance(dim, list | tuple) else [dim])]
 
 
+def _dim_arg(ctx: RuleContext, rank: int) -> int:
+    """The op's single ``dim`` argument, non-negative."""
+    return _norm_dim(ctx.arg("dim", 0), rank)
+
+
 def _dims_acted_on(ctx: RuleContext, rank: int) -> set[int]:
     """The dims a reduction or order-dependent op acts along (its ``dim``, ``dims`` or ``axis``
     argument). None given, or an empty list, means every dim: ``sum(x)``, ``argmax(x)`` and
@@ -350,7 +355,7 @@ def _reduction_with_indices(ctx: RuleContext) -> Value:
         return _broadcast(ctx)
     if isinstance(val, torch.Tensor) and val.dim() == 0:  # full reduction to a value
         return []
-    dim = _norm_dim(ctx.arg("dim", 0), len(x))
+    dim = _dim_arg(ctx, len(x))
     # the indices output names positions in the reduced dim: not permutation invariant
     ctx.table.pin(x[dim], f"{ctx.op_name()} returns indices along this dim")
     keep = bool(ctx.arg("keepdim", False))
@@ -744,7 +749,7 @@ def _t(ctx: RuleContext) -> Value:
 @register(aten.permute)
 def _permute(ctx: RuleContext) -> Value:
     d = ctx.dims(ctx.tensor_args()[0]) or []
-    order = [_norm_dim(i, len(d)) for i in ctx.arg("dims")]
+    order = _dim_list(ctx.arg("dims"), len(d))
     return [d[i] for i in order]
 
 
@@ -764,7 +769,7 @@ def _movedim(ctx: RuleContext) -> Value:
 @register(aten.unsqueeze)
 def _unsqueeze(ctx: RuleContext) -> Value:
     d = list(ctx.dims(ctx.tensor_args()[0]) or [])
-    pos = _norm_dim(ctx.arg("dim"), len(d) + 1)
+    pos = _dim_arg(ctx, len(d) + 1)
     return d[:pos] + [ctx.table.fresh_dim(1)] + d[pos:]
 
 
@@ -824,7 +829,7 @@ def _repeat_interleave(ctx: RuleContext) -> Value:
 def _select(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = list(ctx.dims(x) or [])
-    i = _norm_dim(ctx.arg("dim"), len(d))
+    i = _dim_arg(ctx, len(d))
     if ctx.shape_of(x)[i] != 1:
         ctx.table.pin(d[i], "select picks a fixed index along this dim")
     return d[:i] + d[i + 1 :]
@@ -834,7 +839,7 @@ def _select(ctx: RuleContext) -> Value:
 def _unbind(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = list(ctx.dims(x) or [])
-    i = _norm_dim(ctx.arg("dim", 0), len(d))
+    i = _dim_arg(ctx, len(d))
     ctx.table.pin(d[i], "unbind picks fixed indices along this dim")
     rest = d[:i] + d[i + 1 :]
     return [list(rest) for _ in ctx.out_val()]
@@ -845,7 +850,7 @@ def _slice(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = list(ctx.dims(x) or [])
     shape = ctx.shape_of(x)
-    i = _norm_dim(ctx.arg("dim", 0), len(d))
+    i = _dim_arg(ctx, len(d))
     out_len = ctx.out_shape()[i]
     if out_len == shape[i]:
         return d
@@ -868,7 +873,7 @@ def _slice(ctx: RuleContext) -> Value:
 def _split(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = ctx.dims(x) or []
-    i = _norm_dim(ctx.arg("dim", 0), len(d))
+    i = _dim_arg(ctx, len(d))
     outs = []
     start = 0
     for v in ctx.out_val():
@@ -890,7 +895,7 @@ def _cat(ctx: RuleContext) -> Value:
     xs = [x for x in xs if ctx.shape_of(x) != [0]]  # legacy empty tensors take no part
     dims = [ctx.dims(x) or [] for x in xs]
     rank = len(dims[0])
-    i = _norm_dim(ctx.arg("dim", 0), rank)
+    i = _dim_arg(ctx, rank)
     for dd in dims[1:]:  # other dims are aligned
         for j in range(rank):
             if j != i:
@@ -907,7 +912,7 @@ def _stack(ctx: RuleContext) -> Value:
     for dd in dims[1:]:
         for a, b in zip(dims[0], dd):
             ctx.unify(a, b)
-    i = _norm_dim(ctx.arg("dim", 0), len(dims[0]) + 1)
+    i = _dim_arg(ctx, len(dims[0]) + 1)
     new = ctx.table.fresh_dim(len(xs), "stack: position of each stacked tensor")
     return list(dims[0][:i]) + [new] + list(dims[0][i:])
 
@@ -916,7 +921,7 @@ def _stack(ctx: RuleContext) -> Value:
 def _index_select(ctx: RuleContext) -> Value:
     x = ctx.arg("self")
     d = list(ctx.dims(x) or [])
-    i = _norm_dim(ctx.arg("dim"), len(d))
+    i = _dim_arg(ctx, len(d))
     ctx.table.pin(d[i], "index_select with data-dependent indices")
     # the output's dim i follows the index tensor, and that output dim is fresh and pinned: a space
     # left free on the index would permute the output where nothing downstream moves with it
@@ -929,7 +934,7 @@ def _index_select(ctx: RuleContext) -> Value:
 def _gather(ctx: RuleContext) -> Value:
     x, idx = ctx.arg("self"), ctx.arg("index")
     xd, idd = ctx.dims(x) or [], ctx.dims(idx) or []
-    i = _norm_dim(ctx.arg("dim"), len(xd))
+    i = _dim_arg(ctx, len(xd))
     ctx.table.pin(xd[i], "gather with data-dependent indices")
     xs, ids = ctx.shape_of(x), ctx.shape_of(idx)
     for j in range(len(xd)):
