@@ -267,10 +267,7 @@ class SpaceTable:
             while need != 1:
                 if k >= len(seq):
                     return self._opaque_reshape(dims, out_sizes)
-                a = self.find(seq[k])
-                if a.size == 1:
-                    k += 1
-                    continue
+                a = self.find(seq[k])  # never size 1: expand_dim drops those, a split leaves q > 1
                 if a.size == need:
                     taken.append(a)
                     k += 1
