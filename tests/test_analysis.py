@@ -396,8 +396,15 @@ ALONG_BATCH = {
     ],
     ids=[
         *ALONG_BATCH,
-        *["roll", "gather_prefix", "index", "index_select", "slice_far_negative", "unbatched_pool", "pad_shift"],
-        *["outer_product", "pool_indices"],
+        "roll",
+        "gather_prefix",
+        "index",
+        "index_select",
+        "slice_far_negative",
+        "unbatched_pool",
+        "pad_shift",
+        "outer_product",
+        "pool_indices",
     ],
 )
 def test_op_rules_keep_groups_sound(make, shape):
