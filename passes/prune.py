@@ -284,7 +284,7 @@ def _activation(model: nn.Module, g: Group, idx: Mapping[tuple[str, int], torch.
     return score if found else None
 
 
-def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, example_inputs: Any
+def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, batches: list[Any]
             ) -> dict[str, torch.Tensor]:
     """Per unit: sum over batches of (sum over the unit's consumer weights of grad * weight)^2."""
     targets: dict[str, list[Member]] = {}
@@ -294,9 +294,6 @@ def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, example
     params = {m.fqn: _get(model, m.fqn) for ms in targets.values() for m in ms}
     saved = {n: (t.requires_grad, t.grad) for n, t in params.items()}
     scores = {p.group.name: torch.zeros(p.group.num_units, dtype=torch.float64) for p in plans}
-    batches = list(cfg.calibration) if cfg.calibration is not None else [example_inputs]
-    if not batches:
-        raise ConfigError("score='taylor' got an empty calibration iterable; pass at least one batch.")
     was_training = model.training
     model.eval()
     try:
@@ -609,6 +606,11 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     """
     cfg = config if config is not None else PruneConfig()
     cfg.validate()
+    # read once: a generator would be spent by the first of taylor scoring and the statistics pass
+    calibration = list(cfg.calibration) if cfg.calibration is not None else None
+    uses_data = cfg.score in ("activation", "taylor") or cfg.bias_compensation
+    if uses_data and calibration is not None and not calibration:
+        raise ConfigError("PruneConfig.calibration is empty; pass at least one batch.")
     report = analyze(model, example_inputs)
     ratios = _resolve_ratios(report, cfg)
     groups = [g for g in report.groups if g.kind in ratios]
@@ -638,16 +640,13 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
                 consumers[m.fqn] = _Consumer(mod_name, attr, axis, m.dim)
     stats: dict[str, _Stats] = {}
     if cfg.score == "activation" or cfg.bias_compensation:
-        batches = list(cfg.calibration or [])
-        if not batches:
-            raise ConfigError("the calibration iterable is empty; pass at least one batch.")
         by_module = {c.module: c for c in consumers.values()}
-        stats = _collect_stats(model, by_module, batches, cfg.progress)
+        stats = _collect_stats(model, by_module, calibration, cfg.progress)
 
     # ---- scores (higher = keep)
     scores: dict[str, torch.Tensor] = {}
     if cfg.score == "taylor":
-        scores = _taylor(model, plans, cfg, example_inputs)
+        scores = _taylor(model, plans, cfg, calibration if calibration is not None else [example_inputs])
     gen = torch.Generator().manual_seed(cfg.seed)
     for p in plans:
         g = p.group

@@ -240,6 +240,23 @@ def test_bias_compensation_creates_missing_bias():
     sparsify_fx.analyze(model, inp)
 
 
+def test_generator_calibration_feeds_both_taylor_and_bias_compensation():
+    # taylor scoring and the bias statistics each pass over the batches: a generator must be read once
+    base, inp = make("llama")
+    batches = [(torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(s)),) for s in range(3)]
+    loss_fn = lambda m, b: _out(m(*b)).pow(2).mean()  # noqa: E731
+    pruned = []
+    for calib in (batches, (b for b in batches)):
+        m = copy.deepcopy(base)
+        cfg = PruneConfig(ratio=0.25, score="taylor", loss_fn=loss_fn, bias_compensation=True,
+                          calibration=calib, progress=False)
+        sparsify_fx.prune(m, inp, cfg)
+        pruned.append(m.state_dict())
+    assert pruned[0].keys() == pruned[1].keys()
+    assert all(torch.equal(v, pruned[1][k]) for k, v in pruned[0].items())
+    assert pruned[0]["model.layers.0.mlp.down_proj.bias"].abs().sum() > 0
+
+
 def test_hidden_is_pruned_only_when_asked_and_then_everywhere():
     model, inp = make("gpt2")
     sparsify_fx.prune(model, inp, PruneConfig(ratio=0.25))
@@ -295,6 +312,7 @@ def test_random_score_is_seeded():
         (PruneConfig(ratio={"kv_heads": 0.75}), "keep_min"),  # 2 kv heads: round(1.5) = 2 would remove both
         (PruneConfig(ratio=0.25, keep_min=0), "keep_min"),
         (PruneConfig(ratio=0.25, score="activation"), "calibration"),
+        (PruneConfig(ratio=0.25, score="activation", calibration=[]), "empty"),
         (PruneConfig(ratio=0.25, score="taylor"), "loss"),
         (PruneConfig(ratio=0.25, score="sum"), "score"),
         (PruneConfig(ratio=0.25, scope="layer"), "scope"),
