@@ -65,8 +65,8 @@ class _Common:
     """Fields shared by both patterns.
 
     * ``include``: FQN globs of the layers to sparsify (``None``: every ``nn.Linear`` and
-      transformers ``Conv1D``); ``skip``: globs to leave
-      dense (e.g. ``["lm_head"]``).
+      transformers ``Conv1D``); ``skip``: globs to leave dense (e.g. ``["lm_head"]``). A single string is
+      one glob, not a list of one-letter globs.
     * ``score``: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W| * ||X_col||_2``; needs ``calibration``, an
       iterable of example inputs: tensors, tuples of positional args, or dicts of keyword args).
     * ``padding``: ``"none"`` (shapes must divide) or ``"zero"`` (pad the weight with zeros to whole groups/tiles;
@@ -88,6 +88,12 @@ class _Common:
     pgf_start: float = 1.0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.include, str):
+            self.include = [self.include]
+        if isinstance(self.skip, str):
+            self.skip = [self.skip]
+
 
 @dataclass
 class NMConfig(_Common):
@@ -99,10 +105,19 @@ class NMConfig(_Common):
 
 @dataclass
 class BlockConfig(_Common):
-    """Keep whole ``block = (rows, cols)`` weight tiles, ``density`` of them (in ``(0, 1]``)."""
+    """Keep whole ``block = (rows, cols)`` weight tiles, ``density`` of them (in ``(0, 1]``).
 
-    block: tuple[int, int] = (16, 16)
+    ``block=16`` means square ``(16, 16)`` tiles, as ``kernel_size`` does for convolutions."""
+
+    block: tuple[int, int] | int = (16, 16)
     density: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.block, int) and not isinstance(self.block, bool):
+            self.block = (self.block, self.block)
+        elif isinstance(self.block, list):
+            self.block = tuple(self.block)
 
 
 def pgf_scale(step: int, decay_steps: int, start: float = 1.0) -> float:
@@ -112,25 +127,41 @@ def pgf_scale(step: int, decay_steps: int, start: float = 1.0) -> float:
     return float(start) * max(0.0, 1.0 - step / decay_steps)
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def _check_config(cfg: NMConfig | BlockConfig) -> None:
+    for name in ("include", "skip"):
+        globs = getattr(cfg, name)
+        if globs is not None and (not isinstance(globs, Iterable) or not all(isinstance(g, str) for g in globs)):
+            raise ConfigError(f"sparsify: {name} must be a list of FQN globs (strings), got {globs!r}.")
     if cfg.score not in ("magnitude", "wanda"):
         raise ConfigError(f"sparsify: score must be 'magnitude' or 'wanda', got {cfg.score!r}.")
     if cfg.score == "wanda" and cfg.calibration is None:
         raise ConfigError("sparsify: score='wanda' needs calibration=[example inputs]; or use score='magnitude'.")
     if cfg.padding not in ("none", "zero"):
         raise ConfigError(f"sparsify: padding must be 'none' or 'zero', got {cfg.padding!r}.")
-    if cfg.pgf_decay_steps < 0 or not 0.0 <= cfg.pgf_start <= 1.0:
+    if (not _is_int(cfg.pgf_decay_steps) or not _is_real(cfg.pgf_start) or cfg.pgf_decay_steps < 0
+            or not 0.0 <= cfg.pgf_start <= 1.0):
         raise ConfigError(
             f"sparsify: need pgf_decay_steps >= 0 and 0 <= pgf_start <= 1, got {cfg.pgf_decay_steps}, "
             f"{cfg.pgf_start}."
         )
     if isinstance(cfg, NMConfig):
-        if not (isinstance(cfg.n, int) and isinstance(cfg.m, int)) or cfg.n <= 0 or cfg.n > cfg.m:
+        if not (_is_int(cfg.n) and _is_int(cfg.m)) or cfg.n <= 0 or cfg.n > cfg.m:
             raise ConfigError(f"sparsify: N:M needs integers 0 < n <= m, got n={cfg.n}, m={cfg.m}.")
     else:
-        if len(cfg.block) != 2 or any(not isinstance(b, int) or b <= 0 for b in cfg.block):
-            raise ConfigError(f"sparsify: block must be two positive ints (rows, cols), got {cfg.block!r}.")
-        if not 0.0 < cfg.density <= 1.0:
+        block = cfg.block
+        if not isinstance(block, tuple) or len(block) != 2 or any(not _is_int(b) or b <= 0 for b in block):
+            raise ConfigError(
+                f"sparsify: block must be two positive ints (rows, cols) or one for square tiles, got {block!r}."
+            )
+        if not _is_real(cfg.density) or not 0.0 < cfg.density <= 1.0:
             raise ConfigError(f"sparsify: density must lie in (0, 1], got {cfg.density}.")
 
 
@@ -572,6 +603,35 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     save_safetensors_atomic(tensors, path, metadata, prefix=".sparse-")
 
 
+def _load_plan(model: nn.Module, i: int, e: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple:
+    """Decode layer ``i`` of a sparse export and check it fits ``model``, without writing anything."""
+    try:
+        mod = model.get_submodule(e["fqn"])
+    except AttributeError:
+        raise ConfigError(f"load_sparse: the model has no layer {e['fqn']!r}; load into the same model.") from None
+    weight = _weight_oi(mod) if _is_target(mod) or isinstance(mod, _MaskedMixin) else None
+    if weight is None or list(weight.shape) != e["shape"]:
+        raise ConfigError(f"load_sparse: {e['fqn']!r} is not an nn.Linear/Conv1D of [out, in] shape {e['shape']}.")
+    bias = tensors.get(f"{i}.bias")
+    if (bias is not None) != (mod.bias is not None):
+        raise ConfigError(f"load_sparse: {e['fqn']!r} bias presence differs from the file.")
+    if e["kind"] == "nm":
+        n, m = e["n"], e["m"]
+        g = math.ceil(e["shape"][1] / m)
+        pos = tensors[f"{i}.positions"]
+        pos = unpack_positions(pos, g * n) if e["packed"] else pos
+        if pos.numel() and pos.reshape(-1, g, n).long().sort(-1).values.diff(dim=-1).le(0).any():
+            raise ConfigError(f"load_sparse: {e['fqn']!r} repeats a kept position within a group; the file is corrupt.")
+        w, mk = decompress_nm(tensors[f"{i}.values"], pos, n, m, e["shape"][1])
+        pattern = ("nm", n, m)
+    else:
+        w, mk = from_bsr(tensors[f"{i}.values"], tensors[f"{i}.crow"], tensors[f"{i}.col"], e["block"], e["shape"])
+        pattern = ("block", *e["block"])
+    if w.shape != weight.shape or mk.shape != weight.shape or (bias is not None and bias.shape != mod.bias.shape):
+        raise ConfigError(f"load_sparse: {e['fqn']!r} decodes to other shapes than the layer's; the file is corrupt.")
+    return e["fqn"], mod, w, mk, bias, pattern
+
+
 def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Restore the layers written by :func:`export_sparse` into ``model`` (same architecture), in place.
 
@@ -589,30 +649,14 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ConfigError(f"load_sparse: {path!r} is not a readable safetensors file ({exc}).") from exc
     if metadata.get("format") != FORMAT or int(metadata.get("version", -1)) > VERSION:
         raise ConfigError(f"load_sparse: {path!r} is not a sparsify_fx sparse export (version <= {VERSION}).")
-    plan = []
-    for i, e in enumerate(json.loads(metadata["layers"])):
-        try:
-            mod = model.get_submodule(e["fqn"])
-        except AttributeError:
-            raise ConfigError(f"load_sparse: the model has no layer {e['fqn']!r}; load into the same model.") from None
-        if not (_is_target(mod) or isinstance(mod, _MaskedMixin)) or list(_weight_oi(mod).shape) != e["shape"]:
-            raise ConfigError(
-                f"load_sparse: {e['fqn']!r} is not an nn.Linear/Conv1D of [out, in] shape {e['shape']}."
-            )
-        if (f"{i}.bias" in tensors) != (mod.bias is not None):
-            raise ConfigError(f"load_sparse: {e['fqn']!r} bias presence differs from the file.")
-        if e["kind"] == "nm":
-            n, m = e["n"], e["m"]
-            g = math.ceil(e["shape"][1] / m)
-            pos = tensors[f"{i}.positions"]
-            pos = unpack_positions(pos, g * n) if e["packed"] else pos
-            w, mk = decompress_nm(tensors[f"{i}.values"], pos, n, m, e["shape"][1])
-            pattern = ("nm", n, m)
-        else:
-            w, mk = from_bsr(tensors[f"{i}.values"], tensors[f"{i}.crow"], tensors[f"{i}.col"], e["block"],
-                             e["shape"])
-            pattern = ("block", *e["block"])
-        plan.append((e["fqn"], mod, w, mk, tensors.get(f"{i}.bias"), pattern))
+    try:
+        layers = json.loads(metadata["layers"])
+        plan = [_load_plan(model, i, e, tensors) for i, e in enumerate(layers)]
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        # a truncated or hand-edited file: decoding fails before any weight is written
+        raise ConfigError(f"load_sparse: {path!r} is corrupt ({type(exc).__name__}: {exc}); export it again.") from exc
     with torch.no_grad():
         for fqn, mod, w, mk, bias, pattern in plan:
             _weight_oi(mod).copy_(w)

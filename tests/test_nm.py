@@ -146,6 +146,15 @@ def test_include_and_skip_globs():
                                       "model.layers.0.mlp.up_proj"]
 
 
+def test_string_glob_and_square_block_shorthands():
+    # skip="lm_head" is one glob (iterated it would be the globs "l", "m", ...); block=8 is (8, 8)
+    model = _llama()
+    sparsify(model, BlockConfig(block=8, density=0.5, skip="lm_head", progress=False))
+    masked = _masked(model)
+    assert "lm_head" not in masked and "model.layers.0.mlp.up_proj" in masked
+    assert all(mod.pattern == ("block", 8, 8) for mod in masked.values())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # equivalence: outputs and gradients
 # --------------------------------------------------------------------------------------------------------------
@@ -317,6 +326,12 @@ BAD = [
     (NMConfig(padding="reflect"), "padding must be"),
     (NMConfig(include=["nothing.here"]), "no nn.Linear"),
     (NMConfig(pgf_decay_steps=-1), "pgf_decay_steps"),
+    (NMConfig(pgf_start="1"), "pgf_start"),
+    (NMConfig(n=True, m=4), "0 < n <= m"),  # a bool is an int to Python, not a group size
+    (BlockConfig(block=(16,)), "two positive ints"),
+    (BlockConfig(block=(16.0, 16.0)), "two positive ints"),
+    (BlockConfig(density="0.5"), "density must lie"),
+    (NMConfig(skip=[3]), "skip must be a list of FQN globs"),
 ]
 
 
@@ -424,6 +439,39 @@ def test_load_refuses_other_architecture(tmp_path):
     assert _bit_identical(before, other.state_dict()) and not _masked(other)
     with pytest.raises(ConfigError, match="no masked layer"):
         export_sparse(_mlp(), tmp_path / "t.safetensors")
+
+
+def _rewrite(src, dst, edit):
+    """Copy a safetensors export with ``edit(tensors)`` applied, metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.__setitem__("1.bias", t["1.bias"][:-1]),  # the second layer's bias is short
+    lambda t: t.pop("1.positions"),  # a tensor is missing
+    lambda t: t.__setitem__("1.values", t["1.values"][:, :-1].contiguous()),  # truncated values
+    lambda t: t["1.positions"].zero_(),  # every kept position is the same one
+])
+def test_corrupt_export_is_refused_before_any_write(tmp_path, edit):
+    model = _mlp()
+    sparsify(model, NMConfig(progress=False))
+    export_sparse(model, tmp_path / "s.safetensors")
+    _rewrite(tmp_path / "s.safetensors", tmp_path / "bad.safetensors", edit)
+    other = _mlp()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    before = _state(other)
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_sparse(other, tmp_path / "bad.safetensors")
+    assert _bit_identical(before, other.state_dict()) and not _masked(other)
 
 
 def test_compress_nm_round_trip_and_pack():
