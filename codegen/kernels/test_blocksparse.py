@@ -13,8 +13,11 @@ from sparsify_fx.codegen.kernels import blocksparse as K
 from sparsify_fx.codegen.lowering import lowering_for
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.nm import block_mask, to_bsr
+from sparsify_fx.testing import check_kernel
 
 pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason="triton not installed")
+# atol x the output's scale, rtol 0: fp32 up to summation order, bf16 one ulp of the output
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
 
 # (tokens, out, in, block, density): weights not multiples of the tiles, tiles not powers of two, an empty row
 CASES = [
@@ -36,22 +39,38 @@ def _problem(case, dtype, seed, bias=True):
     return x, w.to(dtype), mask, b
 
 
-def _close(got, want, dtype):
-    scale = want.abs().max().item() + 1e-12
-    tol = 1e-5 * scale if dtype == torch.float32 else 2.0**-7 * scale
-    err = (got.float() - want).abs().max().item()
-    assert err <= tol, f"max error {err} > {tol}"
+def _inputs(case, dtype, device, g):
+    """check_kernel's input maker: activations, weight, its block mask, bias, and the block shape."""
+    T, out, in_, block, density = case
+    w = torch.randn(out, in_, generator=g)
+    mask = block_mask(w.abs(), block, density, padding="zero")
+    x = torch.randn(T, in_, generator=g).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype)
+    return x.to(device), w.to(dtype).to(device), mask.to(device), b.to(device), block
+
+
+def _kernel(x, w, mask, b, block):
+    y = K.blocksparse_matmul(x, *to_bsr(w, mask, block), tuple(w.shape), b)
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0])
+    return y
+
+
+def _dense_masked(x, w, mask, b, block):
+    return x @ (w * mask).t() + b
+
+
+def _reference(x, w, mask, b, block):
+    return K.blocksparse_matmul_reference(x, *to_bsr(w, mask, block), tuple(w.shape), b)
+
+
+def _check(cases, dtype, reference=_dense_masked):
+    check_kernel(_kernel, reference, cases, (dtype,), make_inputs=_inputs, rtol=0.0, atol=ATOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES)
-def test_matches_dense_masked(case, dtype):
-    x, w, mask, b = _problem(case, dtype, seed=sum(case[:3]))
-    values, crow, col = to_bsr(w, mask, case[3])
-    y = K.blocksparse_matmul(x, values, crow, col, tuple(w.shape), b)
-    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0])
-    _close(y, x.float() @ (w.float() * mask).t() + b.float(), dtype)
-    _close(y, K.blocksparse_matmul_reference(x, values, crow, col, tuple(w.shape), b), dtype)
+@pytest.mark.parametrize("reference", [_dense_masked, _reference], ids=["dense", "reference"])
+def test_matches_dense_masked_and_reference(dtype, reference):
+    _check(CASES, dtype, reference)
 
 
 def test_empty_tile_rows_give_bias():
@@ -117,11 +136,9 @@ def test_twin_caches_bsr_until_mask_changes(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_random_shapes(dtype):
     g = torch.Generator().manual_seed(2024)
+    cases = []
     for _ in range(6):
         T, out, in_ = (int(v) for v in torch.randint(1, 50, (3,), generator=g))
         block = tuple(int(v) for v in torch.randint(1, 20, (2,), generator=g))
-        density = float(torch.rand(1, generator=g)) * 0.9 + 0.1
-        x, w, mask, b = _problem((T, out, in_, block, density), dtype, seed=T + out * in_)
-        values, crow, col = to_bsr(w, mask, block)
-        y = K.blocksparse_matmul(x, values, crow, col, (out, in_), b)
-        _close(y, x.float() @ (w.float() * mask).t() + b.float(), dtype)
+        cases.append((T, out, in_, block, float(torch.rand(1, generator=g)) * 0.9 + 0.1))
+    _check(cases, dtype)

@@ -14,8 +14,11 @@ from sparsify_fx.codegen.kernels import nm_matmul as K
 from sparsify_fx.codegen.lowering import lowering_for
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.nm import compress_nm, nm_mask, pack_positions
+from sparsify_fx.testing import check_kernel
 
 pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason="triton not installed")
+# atol x the output's scale, rtol 0: fp32 up to summation order, bf16 one ulp of the output
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
 
 # (tokens, in, out, n, m): none a multiple of the interpreter tiles (16 x 32 x 32); some in % m != 0
 CASES = [(5, 44, 33, 2, 4), (17, 30, 9, 1, 3), (3, 70, 40, 2, 4), (9, 37, 20, 4, 8), (1, 10, 7, 3, 4)]
@@ -31,27 +34,44 @@ def _problem(case, dtype, seed, bias=True):
     return x, w.to(dtype), mask, b
 
 
-def _close(got, want, dtype):
-    scale = want.abs().max().item() + 1e-12
-    tol = 1e-5 * scale if dtype == torch.float32 else 2.0**-7 * scale
-    err = (got.float() - want).abs().max().item()
-    assert err <= tol, f"max error {err} > {tol}"
+def _inputs(case, dtype, device, g):
+    """check_kernel's input maker: activations, weight, its N:M mask, bias, n, m and whether positions pack."""
+    T, in_, out, n, m, packed = case
+    w = torch.randn(out, in_, generator=g)
+    mask = nm_mask(w.abs(), n, m, padding="zero")
+    x = torch.randn(T, in_, generator=g).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype)
+    return x.to(device), w.to(dtype).to(device), mask.to(device), b.to(device), n, m, packed
+
+
+def _compressed(w, mask, n, m, packed):
+    values, positions = compress_nm(w, mask, n, m)
+    return values, pack_positions(positions) if packed else positions
+
+
+def _kernel(x, w, mask, b, n, m, packed):
+    y = K.nm_matmul(x, *_compressed(w, mask, n, m, packed), n, m, w.shape[1], b, packed=packed)
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0])
+    return y
+
+
+def _dense_masked(x, w, mask, b, n, m, packed):
+    return x @ (w * mask).t() + b
+
+
+def _reference(x, w, mask, b, n, m, packed):
+    return K.nm_matmul_reference(x, *_compressed(w, mask, n, m, packed), n, m, w.shape[1], b, packed=packed)
+
+
+def _check(cases, dtype, reference=_dense_masked):
+    check_kernel(_kernel, reference, cases, (dtype,), make_inputs=_inputs, rtol=0.0, atol=ATOL[dtype])
 
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES)
-def test_matches_dense_masked(case, dtype, packed):
-    x, w, mask, b = _problem(case, dtype, seed=sum(case))
-    n, m = case[3], case[4]
-    values, positions = compress_nm(w, mask, n, m)
-    if packed:
-        positions = pack_positions(positions)
-    y = K.nm_matmul(x, values, positions, n, m, w.shape[1], b, packed=packed)
-    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0])
-    dense = x.float() @ (w.float() * mask).t() + b.float()
-    _close(y, dense, dtype)
-    _close(y, K.nm_matmul_reference(x, values, positions, n, m, w.shape[1], b, packed=packed), dtype)
+@pytest.mark.parametrize("reference", [_dense_masked, _reference], ids=["dense", "reference"])
+def test_matches_dense_masked_and_reference(dtype, packed, reference):
+    _check([(*case, packed) for case in CASES], dtype, reference)
 
 
 def test_batched_input_no_bias():
@@ -124,13 +144,10 @@ def test_twin_caches_compact_weight_until_it_changes(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_random_shapes(dtype):
     g = torch.Generator().manual_seed(2024)
+    cases = []
     for _ in range(6):
         m = int(torch.randint(2, 9, (1,), generator=g))
         n = int(torch.randint(1, m + 1, (1,), generator=g))
         T, in_, out = (int(v) for v in torch.randint(1, 50, (3,), generator=g))
-        x, w, mask, b = _problem((T, in_, out, n, m), dtype, seed=T * in_ + out)
-        values, positions = compress_nm(w, mask, n, m)
-        packed = bool(torch.rand(1, generator=g) < 0.5)
-        positions = pack_positions(positions) if packed else positions
-        y = K.nm_matmul(x, values, positions, n, m, in_, b, packed=packed)
-        _close(y, x.float() @ (w.float() * mask).t() + b.float(), dtype)
+        cases.append((T, in_, out, n, m, bool(torch.rand(1, generator=g) < 0.5)))
+    _check(cases, dtype)
