@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from sparsify_fx.errors import ConfigError
 
@@ -34,3 +35,24 @@ def batch_loss(
             "the model returns .loss (e.g. with labels)."
         )
     return loss
+
+
+def calibrate(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable[[nn.Module, tuple], None]]],
+              batches: Iterable[Any], desc: str, progress: bool = True) -> int:
+    """Run ``batches`` through ``model`` with forward pre-hooks ``(module, fn)`` attached, in eval mode (no dropout:
+    statistics of the function the user will keep) and without autograd. Hooks and the train/eval mode are
+    restored whatever happens. Returns how many batches ran."""
+    handles = [mod.register_forward_pre_hook(fn) for mod, fn in hooks]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                run_batch(model, batch)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen

@@ -31,7 +31,7 @@ from torch import Tensor
 from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
-from sparsify_fx.passes._batch import run_batch
+from sparsify_fx.passes._batch import calibrate
 
 __all__ = [
     "BlockConfig",
@@ -370,8 +370,6 @@ def _selected(model: nn.Module, cfg: NMConfig | BlockConfig) -> dict[str, nn.Mod
 def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Module], calibration: Iterable[Any],
                  progress: bool) -> dict[str, Tensor]:
     """Per-input-column L2 norm of each layer's input over the calibration set (hooks removed afterwards)."""
-    from tqdm.auto import tqdm
-
     sq = {name: torch.zeros(_weight_oi(mod).shape[1], dtype=torch.float64, device=mod.weight.device)
           for name, mod in layers.items()}
 
@@ -384,19 +382,8 @@ def _wanda_norms(model: nn.Module, layers: Mapping[str, nn.Module], calibration:
             calls[name] += 1
         return fn
 
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in tqdm(calibration, desc="sparsify: calibration", disable=not progress):
-                run_batch(model, batch)
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    seen = calibrate(model, [(mod, hook(name)) for name, mod in layers.items()], calibration,
+                     "sparsify: calibration", progress)
     if seen == 0:
         raise ConfigError("sparsify: the calibration iterable was empty; pass at least one example input.")
     unused = [name for name, c in calls.items() if c == 0]

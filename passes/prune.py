@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
-from sparsify_fx.passes._batch import batch_loss, run_batch
+from sparsify_fx.passes._batch import batch_loss, calibrate, run_batch
 
 log = logging.getLogger("sparsify_fx")
 
@@ -231,18 +231,8 @@ def _collect_stats(model: nn.Module, consumers: dict[str, _Consumer], batches: l
 
         return fn
 
-    handles = [model.get_submodule(c.module).register_forward_pre_hook(hook(c.module, c.axis))
-               for c in consumers.values()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="prune: calibration", disable=not progress, leave=False):
-                run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooks = [(model.get_submodule(c.module), hook(c.module, c.axis)) for c in consumers.values()]
+    calibrate(model, hooks, batches, "prune: calibration", progress)
     return stats
 
 
