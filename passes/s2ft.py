@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.passes._batch import batch_loss, run_batch
+from sparsify_fx.passes._batch import batch_loss, calibrate
 from sparsify_fx.passes.permute import _tensor, permute
 
 log = logging.getLogger("sparsify_fx")
@@ -58,6 +58,7 @@ class S2FTConfig:
     - ``layout``: ``"view"`` makes trainable blocks views of the frozen weight (zero-copy forward,
       in-place updates land in the weight); ``"separate"`` gives them their own storage (needed when
       parameters are sharded, e.g. FSDP2).
+    - ``progress``: show a progress bar over the calibration batches.
     """
 
     attention: tuple[str, ...] = ("v", "o")
@@ -72,6 +73,14 @@ class S2FTConfig:
     calibration: Iterable[Any] | None = field(default=None, repr=False)
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = field(default=None, repr=False)
     layout: Literal["view", "separate"] = "view"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # ffn="up" names one projection; iterated as a string it would be the projections "u" and "p"
+        if isinstance(self.attention, str):
+            self.attention = (self.attention,)
+        if isinstance(self.ffn, str):
+            self.ffn = (self.ffn,)
 
     def validate(self) -> None:
         for name, projs, known in (
@@ -83,9 +92,10 @@ class S2FTConfig:
                 raise ConfigError(f"S2FTConfig.{name} has unknown projection(s) {bad}; choose from {list(known)}.")
         for name in ("attention_ratio", "ffn_ratio"):
             r = getattr(self, name)
-            if not isinstance(r, int | float) or not (0 < r <= 1):
+            if not isinstance(r, int | float) or isinstance(r, bool) or not (0 < r <= 1):
                 raise ConfigError(f"S2FTConfig.{name} must be in (0, 1], got {r!r}.")
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
+        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
+                                        or self.budget <= 0):
             raise ConfigError(f"S2FTConfig.budget must be a positive number of parameters, got {self.budget!r}.")
         if self.scope not in ("per_layer", "global"):
             raise ConfigError(f"S2FTConfig.scope must be 'per_layer' or 'global', got {self.scope!r}.")
@@ -104,6 +114,7 @@ class S2FTConfig:
         d = asdict(self)
         d.pop("calibration")
         d.pop("loss_fn")
+        d.pop("progress")  # how the transform ran, not what it trained
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
 
@@ -285,7 +296,8 @@ def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> di
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
-        for batch in tqdm(_batches(cfg, "gradient scores"), desc="s2ft calibration (gradient)", leave=False):
+        batches = _batches(cfg, "gradient scores")
+        for batch in tqdm(batches, desc="s2ft calibration (gradient)", disable=not cfg.progress, leave=False):
             loss = batch_loss(model, batch, cfg.loss_fn, "strategy='gradient'")
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             by_name = dict(zip(params, grads))
@@ -305,7 +317,7 @@ def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> di
 def _activation_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
     """Norm of each unit's output: the input a unit feeds into its consumer (o_proj / down_proj)."""
     scores = {u.group.name: torch.zeros(u.group.num_units) for u in units}
-    hooks = []
+    hooks: list[tuple[nn.Module, Callable]] = []
     for u in units:
         consumer = next((m for m in u.group.members if m.role == "in" and not m.is_buffer), None)
         if consumer is None:
@@ -318,14 +330,8 @@ def _activation_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> 
             seg = x.narrow(-1, occ.offsets[0], occ.units * occ.inner).reshape(-1, occ.units, occ.inner)
             scores[u.group.name] += seg.pow(2).sum(dim=(0, 2))
 
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in tqdm(_batches(cfg, "activation scores"), desc="s2ft calibration (activation)", leave=False):
-                run_batch(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+        hooks.append((mod, hook))
+    calibrate(model, hooks, _batches(cfg, "activation scores"), "s2ft calibration (activation)", cfg.progress)
     return scores
 
 

@@ -211,6 +211,27 @@ def test_selection_is_recorded_in_original_units_and_reproducible(capsys):
     assert "ffn_channels" in text and "trainable" in capsys.readouterr().out
 
 
+def test_activation_scores_measure_the_eval_function_and_keep_train_mode():
+    # BERT with heavy dropout, in train mode: calibration must run without dropout (scores of the function
+    # the user keeps, the same on every call) and hand the model back still training
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=128, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    torch.manual_seed(0)
+    base = BertModel(config).train()
+    calib = [IDS]
+    picks = []
+    for seed in (1, 2):
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)  # the dropout masks would differ between the two runs
+        cfg = sparsify_fx.S2FTConfig(attention_ratio=0.5, ffn_ratio=0.25, strategy="activation", calibration=calib)
+        sparsify_fx.s2ft(model, (IDS,), cfg)
+        assert model.training and all(m.training for m in model.modules())
+        picks.append([u.selected for u in state_of(model).units])
+    assert picks[0] == picks[1]
+
+
 def test_magnitude_picks_the_largest_units():
     model = models.llama(layers=1)
     with torch.no_grad():
@@ -309,6 +330,8 @@ class PinnedFFN(torch.nn.Module):
     [
         (models.llama, {"ffn_ratio": 0.0}, r"ffn_ratio must be in \(0, 1\]"),
         (models.llama, {"attention_ratio": 1.5}, r"attention_ratio must be in \(0, 1\]"),
+        (models.llama, {"ffn_ratio": True}, r"ffn_ratio must be in \(0, 1\]"),  # a bool, not the ratio 1
+        (models.llama, {"budget": True}, "budget must be a positive number"),
         (models.llama, {"budget": 1}, "select no unit"),
         (models.gpt2, {"ffn": ("gate", "up", "down")}, r"\['gate'\].*do not exist"),
         (models.llama, {"attention": ("x",)}, "unknown projection"),
@@ -331,6 +354,13 @@ def test_bad_config_raises_and_leaves_model_unchanged(make, kwargs, match):
     assert flags == [p.requires_grad for p in model.parameters()]
     assert types == [type(m) for m in model.modules()]
     assert getattr(model, "_sparsify_s2ft", None) is None
+
+
+def test_one_projection_may_be_named_by_a_string():
+    model = models.llama()
+    sparsify_fx.s2ft(model, (IDS,), sparsify_fx.S2FTConfig(attention="o", ffn="down", attention_ratio=0.5,
+                                                            ffn_ratio=0.25))
+    assert sorted({s.projection for s in state_of(model).slices}) == ["down", "o"]
 
 
 def test_fused_and_interleaved_projections():
