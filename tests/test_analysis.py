@@ -506,6 +506,43 @@ def test_inplace_activation_tags_the_gate():
     assert "act" in tags["gate.weight"] and "act" not in tags["up.weight"]
 
 
+class TransposeSpellings(torch.nn.Module):
+    """Linears written as matmuls with the weight transposed five ways (Falcon's FalconLinear uses ``w.T``)."""
+
+    SPELLINGS = {
+        "T": lambda w: w.T,
+        "mT": lambda w: w.mT,
+        "adjoint": lambda w: w.adjoint(),
+        "swapaxes": lambda w: w.swapaxes(0, 1),
+        "movedim": lambda w: w.movedim(0, 1),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(6, 6)) for k in self.SPELLINGS})
+
+    def forward(self, x):
+        for name, spell in self.SPELLINGS.items():
+            x = torch.tanh(x @ spell(self.w[name]))
+        return x
+
+
+def test_every_transpose_spelling_keeps_weight_roles():
+    # without the weight's provenance through the transpose the roles are lost: the channels between two
+    # layers came out as kind 'channels', not 'ffn_channels', and mT/adjoint had no rule at all (pinned)
+    model = TransposeSpellings()
+    x = torch.randn(3, 6)
+    rep = sparsify_fx.analyze(model, (x,))
+    assert not rep.unruled_ops, rep.unruled_ops
+    assert [g.kind for g in rep.groups] == ["ffn_channels"] * 4, rep.table()
+    roles = {(m.fqn, m.dim): m.role for g in rep.groups for m in g.members}
+    # nn.Linear's layout: x @ w^T contracts w's dim 1 ('in') and produces along dim 0 ('out')
+    assert roles[("w.T", 0)] == "out"
+    for name in ("mT", "adjoint", "swapaxes", "movedim"):
+        assert roles[(f"w.{name}", 1)] == "in"
+    check_groups_are_symmetries(model, (x,), rep)
+
+
 # ---------------------------------------------------------------------- property tests
 @st.composite
 def arch_specs(draw):
@@ -621,16 +658,39 @@ def _zoo():
         "distilbert": lambda: T.DistilBertModel(
             T.DistilBertConfig(vocab_size=128, n_layers=1, n_heads=4, dim=64, hidden_dim=128)
         ),
+        # linears written as x @ w.T (aten.numpy_T), parallel attention and MLP, GQA in a fused qkv
+        "falcon": lambda: T.FalconForCausalLM(
+            T.FalconConfig(vocab_size=128, num_hidden_layers=1, num_attention_heads=4, hidden_size=64,
+                           new_decoder_architecture=True, num_kv_heads=2)
+        ),
+        # shifted windows: torch.roll over positions, window partition reshapes, a relative-position bias table
+        "swin": lambda: T.SwinModel(
+            T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)
+        ),
     }
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma", "gpt_neox", "opt", "vit", "distilbert"])
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma", "gpt_neox", "opt", "vit", "distilbert", "falcon", "swin"])
 def test_architecture_zoo(name):
     torch.manual_seed(0)
     model = _zoo()[name]().eval()
-    x = torch.randn(2, 3, 16, 16) if name == "vit" else IDS
+    x = {"vit": torch.randn(2, 3, 16, 16), "swin": torch.randn(2, 3, 32, 32)}.get(name, IDS)
     rep = sparsify_fx.analyze(model, (x,))
     kinds = {g.kind for g in rep.groups}
     assert {"ffn_channels"} <= kinds and kinds & {"attention_heads", "kv_heads"}, rep.table()
     assert not rep.unruled_ops, rep.unruled_ops
     check_groups_are_symmetries(model, (x,), rep)
+
+
+def test_alibi_pins_the_heads_it_biases():
+    # BLOOM adds per-head ALiBi slopes computed from arange(heads): they are constants, not parameters that
+    # could move with the heads, so the heads must stay pinned (the FFN still groups)
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=128, n_layer=1, n_head=4, hidden_size=64)).eval()
+    rep = sparsify_fx.analyze(model, (IDS,))
+    assert not rep.by_kind("attention_heads") and rep.by_kind("ffn_channels")
+    heads = [p for p in rep.pinned if p.kind == "attention_heads"]
+    assert heads and any("arange" in r for r in heads[0].reasons), rep.table()
+    check_groups_are_symmetries(model, (IDS,), rep)

@@ -26,9 +26,20 @@ _LAYOUT = {
     aten.contiguous,
     aten.lift_fresh_copy,
     aten.type_as,
+    # every spelling of a transpose: `x @ w.T` (Falcon's linear) exports as numpy_T, `w.mT` as mT
     aten.t,
+    aten.numpy_T,
+    aten.t_copy,
     aten.transpose,
+    aten.transpose_copy,
+    aten.swapaxes,
+    aten.swapdims,
+    aten.mT,
+    aten.mH,
+    aten.adjoint,
     aten.permute,
+    aten.permute_copy,
+    aten.movedim,
 }
 
 

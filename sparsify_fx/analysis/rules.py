@@ -729,7 +729,7 @@ def _reshape(ctx: RuleContext) -> Value:
     return ctx.table.reshape(ctx.dims(x) or [], ctx.out_shape())
 
 
-@register(*_packets("transpose", "swapaxes", "swapdims"))
+@register(*_packets("transpose", "swapaxes", "swapdims", "transpose_copy"))
 def _transpose(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = list(ctx.dims(x) or [])
@@ -740,13 +740,21 @@ def _transpose(ctx: RuleContext) -> Value:
     return d
 
 
-@register(aten.t, aten.numpy_T)
+@register(*_packets("t", "numpy_T", "t_copy"))
 def _t(ctx: RuleContext) -> Value:
     d = list(ctx.dims(ctx.tensor_args()[0]) or [])
     return d[::-1]
 
 
-@register(aten.permute)
+@register(*_packets("mT", "mH", "adjoint"))
+def _swap_last_two(ctx: RuleContext) -> Value:
+    d = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    if len(d) >= 2:
+        d[-2], d[-1] = d[-1], d[-2]
+    return d
+
+
+@register(*_packets("permute", "permute_copy"))
 def _permute(ctx: RuleContext) -> Value:
     d = ctx.dims(ctx.tensor_args()[0]) or []
     order = _dim_list(ctx.arg("dims"), len(d))
