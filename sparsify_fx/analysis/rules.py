@@ -474,9 +474,24 @@ def _bmm_core(ctx: RuleContext, a: Any, b: Any) -> list[Dim]:
         d = da or db
         batch.append(d if d is not None else ctx.table.fresh_dim(1))
     if not ctx.is_state(a) and not ctx.is_state(b) and batch:
-        # a batched product of two activations (attention scores, attention @ V): batch dims are heads
+        # a batched product of two activations (attention scores, attention @ V): batch dims are heads, and
+        # the rest are positions or dims within a head (q·kᵀ contracts the head dim, attn @ v yields it)
+        t = ctx.table
         for d in batch:
-            ctx.table.mark(d, "bmm_batch")
+            t.mark(d, "bmm_batch")
+        if t.has_mark(ad[-1], "attn_key"):
+            # probs @ v contracts the key positions of an earlier q·kᵀ: b is the values
+            for d in bb:
+                t.tag(d, "v")
+        else:
+            # q·kᵀ: name the operands' heads as SDPA does, so passes can tell q, k and v projections apart
+            for d in ab:
+                t.tag(d, "q")
+            for d in bb:
+                t.tag(d, "k")
+            t.mark(bd[-1], "attn_key")
+        for d in (ad[-2], ad[-1], bd[-1]):
+            t.mark(d, "head_dim")
     return batch + [ad[-2], bd[-1]]
 
 
@@ -581,7 +596,9 @@ def _embedding(ctx: RuleContext) -> Value:
     w, idx = ctx.arg("weight"), ctx.arg("indices")
     wd, idd = ctx.dims(w), ctx.dims(idx) or []
     ctx.table.pin(wd[0], "embedding rows are selected by data (token ids)")
-    ctx.role(w, 1, "out")
+    # a table lookup, not a projection: calling it 'out' made ALBERT's factorised embedding space look
+    # like an FFN whose up projection is the embedding (S²FT then tried to run an Embedding as a linear)
+    ctx.role(w, 1, "embed")
     return list(idd) + [wd[1]]
 
 

@@ -150,6 +150,15 @@ class SpaceTable:
             for leaf in self.expand(a):
                 leaf.marks.add(mark)
 
+    def has_mark(self, atoms: Iterable[Atom], mark: str) -> bool:
+        """Whether any class in these atoms, or inside their refinements, carries ``mark``."""
+
+        def walk(a: Atom) -> bool:
+            r = self.find(a)
+            return mark in r.marks or (r.ref is not None and any(walk(c) for c in r.ref.children))
+
+        return any(walk(a) for a in atoms)
+
     def tag(self, atoms: Iterable[Atom], tag: str) -> None:
         for a in atoms:
             a.tags.add(tag)
