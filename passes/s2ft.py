@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -221,11 +222,24 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
     for kind, wanted in (("attention", cfg.attention), ("ffn", cfg.ffn)):
         missing = [p for p in wanted if p not in found[kind]]
         if missing and found[kind]:
-            where = f"found {sorted(found[kind])}" if found[kind] else "the model has no such groups"
+            hint = ""
+            if kind == "attention" and "qkv" in found[kind]:
+                hint = " (q, k and v rows interleave inside each head here: train them together as 'qkv')"
+            elif kind == "attention" and not found[kind] & {"k", "v"}:
+                hint = " (under multi-query attention one k/v head is shared, so only q and o heads can be selected)"
             raise ConfigError(
-                f"projection(s) {missing} of kind {kind!r} do not exist in this model ({where}); "
-                f"set S2FTConfig.{kind} to a subset of what exists. (Under multi-query attention there is "
-                "one shared k/v head, so only q and o heads can be selected.)"
+                f"projection(s) {missing} of kind {kind!r} do not exist in this model (found {sorted(found[kind])})"
+                f"{hint}; set S2FTConfig.{kind} to a subset of what exists."
+            )
+        if wanted and not found[kind] and any(u.kind != kind for u in units):
+            # the other kind trains: say what is left out rather than fail a default config
+            kinds = ("attention_heads", "kv_heads") if kind == "attention" else ("ffn_channels",)
+            reasons = sorted({r for p in report.pinned if p.kind in kinds for r in p.reasons})
+            why = f": pinned by {'; '.join(reasons[:3])}" if reasons else ""
+            warnings.warn(
+                f"S²FT: this model has no {kind} unit that can be trained{why}. Only the other kind trains; "
+                f"set S2FTConfig.{kind}=() to silence this.",
+                stacklevel=3,
             )
     if cfg.layers is not None:
         layers = {g.layer for g in report.groups if g.layer is not None}

@@ -363,6 +363,61 @@ def test_one_projection_may_be_named_by_a_string():
     assert sorted({s.projection for s in state_of(model).slices}) == ["down", "o"]
 
 
+def test_matmul_attention_names_q_k_v_like_sdpa():
+    # eager attention (q @ kᵀ, softmax, @ v; GQA through repeat_kv) has no SDPA node to say which projection
+    # is which: the analysis names them from the two products, so v and o train as with SDPA
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        ref = _out(model(IDS)).clone()
+    cfg = sparsify_fx.S2FTConfig(attention=("q", "k", "v", "o"), attention_ratio=0.5, ffn_ratio=0.25)
+    sparsify_fx.s2ft(model, (IDS,), cfg)
+    slices = state_of(model).slices
+    assert {s.projection for s in slices} == {"q", "k", "v", "o", "up", "down"}
+    for s in slices:
+        if s.projection in ("q", "k", "v", "o"):
+            assert s.fqn.endswith(f"{s.projection}_proj.weight"), (s.fqn, s.projection)
+    with torch.no_grad():
+        assert rel_err(_out(model(IDS)), ref) <= 1e-5
+
+
+def test_model_whose_heads_are_pinned_trains_its_ffn_and_says_so():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=128, n_layer=1, n_head=4, hidden_size=64)).eval()
+    with torch.no_grad():
+        ref = _out(model(IDS)).clone()
+    with pytest.warns(UserWarning, match=r"no attention unit.*arange"):  # ALiBi slopes come from arange(heads)
+        sparsify_fx.s2ft(model, (IDS,), sparsify_fx.S2FTConfig(ffn_ratio=0.25))
+    assert {s.projection for s in state_of(model).slices} == {"up", "down"}
+    with torch.no_grad():
+        assert rel_err(_out(model(IDS)), ref) <= 1e-5
+
+
+def test_factorised_embedding_is_not_taken_for_an_ffn():
+    # ALBERT maps 32-wide embeddings to the 64-wide stream with a linear: that 32-space is not an FFN whose
+    # up projection is the embedding table (S²FT used to try to run the Embedding as a linear layer)
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.AlbertModel(T.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=128)).eval()
+    rep = sparsify_fx.analyze(model, (IDS,))
+    (emb,) = [g for g in rep.groups if g.num_units == 32]
+    assert emb.kind == "channels"
+    with torch.no_grad():
+        ref = _out(model(IDS)).clone()
+    sparsify_fx.s2ft(model, (IDS,), sparsify_fx.S2FTConfig(attention_ratio=0.5, ffn_ratio=0.25))
+    assert all("embeddings" not in s.fqn for s in state_of(model).slices)
+    with torch.no_grad():
+        assert rel_err(_out(model(IDS)), ref) <= 1e-5
+
+
 def test_fused_and_interleaved_projections():
     import transformers as T
 
