@@ -63,7 +63,9 @@ class PruneConfig:
     - ``bias_compensation``: FLAP-style, add the mean contribution of the removed units (measured on
       ``calibration``) to each consumer's bias, creating the bias where the consumer has none.
     - ``prune_hidden``: the residual stream (``hidden`` group) is pruned only when this is set, and
-      then in every layer consistently.
+      then in every layer consistently. The same holds for any group a LayerNorm, RMSNorm or GroupNorm
+      reduces over (``Group.normalized``, e.g. ALBERT's factorised embedding): removing units there
+      changes the norm's statistics.
     - ``verify``: after pruning, run ``example_inputs`` through the model and compare with the
       original whose removed units were zeroed at their consumers (skipped for hidden, whose norms
       change); on failure the model is restored and ``ConfigError`` raised.
@@ -312,6 +314,12 @@ def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, batches
     return scores
 
 
+def _stream_like(g: Group) -> bool:
+    """The hidden stream, or any space a norm reduces over: pruning it changes the function beyond removing
+    the units' contributions, so it happens only with prune_hidden and is not checked against zeroing."""
+    return g.kind == "hidden" or g.normalized
+
+
 def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> dict[str, float]:
     present = {g.kind for g in report.groups}
     if isinstance(cfg.ratio, Mapping):
@@ -324,15 +332,18 @@ def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> dict[str, float
         ratios = dict(cfg.ratio)
     else:
         kinds = [k for k in DEFAULT_KINDS if k in present]
-        if cfg.prune_hidden:
-            if "hidden" not in present:
-                raise ConfigError("prune_hidden=True but this model has no unpinned hidden group to prune.")
+        if cfg.prune_hidden and "hidden" in present:
             kinds.append("hidden")
         if not kinds:
             raise ConfigError(f"this model has no prunable groups (kinds present: {sorted(present)}).")
         ratios = dict.fromkeys(kinds, float(cfg.ratio))
-    if cfg.prune_hidden and "hidden" not in ratios:
-        raise ConfigError("prune_hidden=True but ratio has no 'hidden' entry; add one or use a float ratio.")
+    if cfg.prune_hidden:
+        streams = [g for g in report.groups if _stream_like(g)]
+        if not streams:
+            raise ConfigError("prune_hidden=True but this model has no unpinned hidden or normalised group to prune.")
+        if not any(g.kind in ratios for g in streams):
+            named = sorted({g.kind for g in streams})
+            raise ConfigError(f"prune_hidden=True but ratio names none of the kinds it enables ({named}); add one.")
     return ratios
 
 
@@ -407,6 +418,8 @@ def _category(name: str) -> str | None:
         return "ffn"
     if n in _HIDDEN_NAMES:
         return "hidden"
+    if n in ("embedding_size", "embedding_dim", "embed_size", "emb_dim"):
+        return "embedding"  # a factorised embedding's width (ALBERT, ELECTRA): a normalised channel space
     return None
 
 
@@ -463,6 +476,8 @@ def _quantities(plans: list[_GroupPlan], report: CouplingReport) -> dict[str, di
             q[g.prefix]["ffn"] = (g.num_units, new)
         elif g.kind == "hidden":
             q[""]["hidden"] = (g.num_units, new)
+        elif g.kind == "channels" and g.normalized:
+            q[g.prefix]["embedding"] = (g.num_units, new)
     return q
 
 
@@ -474,7 +489,7 @@ def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingRep
     q = _quantities(plans, report)
     ups: list[_AttrUpdate] = []
     head_owners = {p for p, c in q.items() if "heads" in c}
-    config_cats = ("heads", "kv_heads", "ffn", "hidden")
+    config_cats = ("heads", "kv_heads", "ffn", "hidden", "embedding")
     # module attributes: on the module owning the group and its submodules
     for prefix, cats in q.items():
         if prefix == "":
@@ -603,7 +618,15 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         raise ConfigError("PruneConfig.calibration is empty; pass at least one batch.")
     report = analyze(model, example_inputs)
     ratios = _resolve_ratios(report, cfg)
-    groups = [g for g in report.groups if g.kind in ratios]
+    groups = [g for g in report.groups if g.kind in ratios and (cfg.prune_hidden or not _stream_like(g))]
+    if isinstance(cfg.ratio, Mapping):
+        for kind in ratios:
+            if not any(g.kind == kind for g in groups):
+                raise ConfigError(
+                    f"every {kind} group of this model is normalised by a LayerNorm/RMSNorm/GroupNorm: removing "
+                    "units changes the norm's statistics, as for the hidden stream; set prune_hidden=True to "
+                    "prune it anyway."
+                )
 
     # ---- indices of every unit in every member
     plans: list[_GroupPlan] = []
@@ -672,7 +695,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     deltas: dict[str, torch.Tensor] = {}  # consumer module -> delta over its (original) outputs
     if cfg.bias_compensation:
         for p in active:
-            if p.group.kind == "hidden":
+            if _stream_like(p.group):
                 continue  # norms rescale the stream; a constant offset is not the removed contribution
             rem = torch.tensor(p.removed, dtype=torch.long)
             for m in p.group.members:
@@ -724,7 +747,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     attr_updates = _attr_updates(model, active, report)
 
     # ---- reference for the check: the original with removed units cut at their consumers
-    checkable = cfg.verify and all(p.group.kind != "hidden" for p in active)
+    checkable = cfg.verify and not any(_stream_like(p.group) for p in active)
     ref_out = None
     was_training = model.training
     if cfg.verify:

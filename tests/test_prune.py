@@ -349,3 +349,35 @@ def test_failure_after_writes_rolls_back():
     assert model.blocks[0].gate.out_features == 36
     with torch.no_grad():
         assert rel_err(model(x), ref) <= 1e-6
+
+
+def _albert():
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=128)
+    return T.AlbertModel(config).eval()
+
+
+def test_normalised_channel_space_is_pruned_only_when_asked():
+    # ALBERT's 32-wide embedding space passes a LayerNorm: removing units changes its statistics, so a
+    # default prune leaves it (and passes its zeroed-units check); prune_hidden=True prunes it like hidden
+    model = _albert()
+    (emb,) = [g for g in sparsify_fx.analyze(model, (IDS,)).groups if g.num_units == 32]
+    assert emb.normalized and emb.kind == "channels"
+    sparsify_fx.prune(model, (IDS,), PruneConfig(ratio=0.25, progress=False))
+    assert model.embeddings.word_embeddings.embedding_dim == 32 and model.config.intermediate_size == 96
+
+    model = _albert()
+    snap = snapshot(model)
+    with pytest.raises(ConfigError, match="normalised"):
+        sparsify_fx.prune(model, (IDS,), PruneConfig(ratio={"channels": 0.25}, progress=False))
+    assert_unchanged(model, snap)
+
+    sparsify_fx.prune(model, (IDS,), PruneConfig(ratio=0.25, prune_hidden=True, progress=False))
+    assert model.embeddings.word_embeddings.embedding_dim == 24 and model.config.embedding_size == 24
+    assert model.embeddings.LayerNorm.normalized_shape == (24,)
+    with torch.no_grad():
+        assert _out(model(IDS)).shape == (2, 8, 64)
+    sparsify_fx.analyze(model, (IDS,))

@@ -74,6 +74,9 @@ class Group:
     # inside it (query heads within a kv group) names its kv_heads group in `kv_group`.
     group_size: int | None = None
     kv_group: str | None = None
+    # a LayerNorm, RMSNorm or GroupNorm reduces over this space: permuting it is exact, removing units is not
+    # (the statistics change), so pruning treats it like the hidden stream
+    normalized: bool = False
 
     def member(self, fqn: str) -> list[Member]:
         return [m for m in self.members if m.fqn == fqn]
@@ -300,6 +303,7 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
             _layer_of(prefix),
             prefix,
             group_size,
+            normalized="normalized" in root.marks,
         )
         if inner_head is not None:
             inner_heads[cid] = inner_head

@@ -616,8 +616,11 @@ def _layer_norm(ctx: RuleContext) -> Value:
     x = ctx.arg("input")
     xd = ctx.dims(x)
     k = len(ctx.arg("normalized_shape"))
-    # the normalisation reduces over the last k dims (permutation invariant)
+    # the normalisation reduces over the last k dims (permutation invariant, but not invariant to removing
+    # units: the statistics change, which pruning must know)
     _per_element(ctx, ("weight", "bias"), xd[-k:])
+    for d in xd[-k:]:
+        ctx.table.mark(d, "normalized")
     out = list(xd)
     val = ctx.out_val()
     if isinstance(val, list | tuple):
@@ -669,6 +672,7 @@ def _group_norm(ctx: RuleContext) -> Value:
     g = ctx.table.fresh(groups)
     per = ctx.table.fresh(c // groups)
     ctx.unify(xd[1], (g, per))
+    ctx.table.mark(xd[1], "normalized")
     _per_element(ctx, ("weight", "bias"), [xd[1]])
     val = ctx.out_val()
     if isinstance(val, list | tuple):
