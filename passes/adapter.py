@@ -202,7 +202,7 @@ class _Prepared:
     keys: dict[str, _Key]  # the weights' state the cache is valid for
     probe: torch.Tensor  # strided samples of the weights at that state, concatenated
     index: dict[str, tuple[int, torch.Tensor]]  # dim and positions, on the weight's device
-    base_rows: dict[str, torch.Tensor]
+    base_rows: dict[str, torch.Tensor]  # with the indexed dim first (see _write)
     new_rows: dict[str, torch.Tensor]
 
     def valid_for(self, params: dict[str, torch.Tensor]) -> bool:
@@ -210,10 +210,18 @@ class _Prepared:
         return all(_key(p) == self.keys[f] for f, p in params.items()) and torch.equal(_probes(params), self.probe)
 
 
+def _sample(p: torch.Tensor) -> torch.Tensor:
+    step = max(1, p.numel() // 16)
+    if p.is_contiguous():
+        # one view op instead of reshape + slice + cast: a switch is a few scatters, so op count shows (-1/3 here)
+        return torch.as_strided(p.detach(), (min(16, p.numel()),), (step,), p.storage_offset())
+    return p.detach().reshape(-1)[::step][:16]
+
+
 def _probes(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    # 16 values a weight: each is a cache miss (~40 us for 64 x 8 weights), and an overwrite of the weight
-    # (the case the version counter misses) changes them all
-    return torch.cat([p.detach().reshape(-1)[:: max(1, p.numel() // 16)].float() for p in params.values()])
+    # 16 values a weight: each is a cache miss, and an overwrite of the weight (the case the version counter
+    # misses) changes them all. cat promotes mixed dtypes exactly (bf16/fp16 into fp32), so equal is exact.
+    return torch.cat([_sample(p) for p in params.values()])
 
 
 @dataclass
@@ -223,10 +231,16 @@ class _Applied:
     post_keys: dict[str, _Key]  # and after it: a remove restores exactly only if nothing wrote in between
 
 
+def _leading(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t if dim == 0 else t.transpose(0, dim)
+
+
 def _write(p: torch.Tensor, dim: int, idx: torch.Tensor, rows: torch.Tensor) -> None:
-    # Indexed assignment rather than index_copy_: for columns of a row-major weight (dim 1) it is ~2x
-    # faster on CPU (measured at 512x1408, 41 columns), and the scatter is the whole cost of a switch.
-    p[(slice(None),) * dim + (idx,)] = rows
+    # The scatter is the whole cost of a switch. Indexing the leading dim of a transposed view, with the
+    # rows stored that way round, is 15-25 % faster for the columns of a row-major weight than p[:, idx]
+    # (4 x 512x1408 weights, 41 columns each, cold or warm caches, 1 or 2 threads) and ~2x faster than
+    # index_copy_. ``rows`` has the indexed dim first.
+    _leading(p, dim)[idx] = rows
 
 
 def _state(model: nn.Module) -> tuple[list[_Applied], dict[int, _Prepared]]:
@@ -288,13 +302,14 @@ def _prepare(model: nn.Module, adapter: Adapter, params: dict[str, torch.Tensor]
         f: base_rows[f] + e.delta.to(device=base_rows[f].device, dtype=base_rows[f].dtype)
         for f, e in adapter.entries.items()
     }
+    dims = {f: e.dim for f, e in adapter.entries.items()}
     return _Prepared(
         adapter=weakref.ref(adapter),
         keys={f: _key(p) for f, p in params.items()},
         probe=_probes(params),
         index=index,
-        base_rows=base_rows,
-        new_rows=new_rows,
+        base_rows={f: _leading(t, dims[f]).contiguous() for f, t in base_rows.items()},
+        new_rows={f: _leading(t, dims[f]).contiguous() for f, t in new_rows.items()},
     )
 
 

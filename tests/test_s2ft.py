@@ -9,6 +9,7 @@ import pytest
 import torch
 from models import output_tensor as _out
 from models import rel_err
+from torch import nn
 
 import sparsify_fx
 from sparsify_fx.passes.permute import permute
@@ -496,3 +497,30 @@ def test_adapter_switching_checks_the_base_once_and_rechecks_after_any_write(mon
     with pytest.raises(sparsify_fx.AdapterError, match="different base"):
         sparsify_fx.apply_adapter(served, a)
     assert len(checks) == n + 1
+
+
+def test_adapter_switching_on_a_base_with_column_major_weights():
+    """Switching writes through a transposed view and spot-checks weights by strided samples; both must hold
+    for weights that are not contiguous (e.g. a checkpoint loaded from a column-major format)."""
+    torch.manual_seed(0)
+    base = models.llama().eval()
+    adapter, out = _trained_adapter(base, 0)
+    served = copy.deepcopy(base)
+    with torch.no_grad():
+        for m in served.modules():
+            if isinstance(m, nn.Linear):
+                m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
+    assert all(not served.get_parameter(f).is_contiguous() for f in adapter.entries)
+    before = snapshot(served)
+    for _ in range(2):  # the second switch takes the cached path
+        sparsify_fx.apply_adapter(served, adapter)
+        with torch.no_grad():
+            assert rel_err(_out(served(IDS)), out) <= 1e-5
+        sparsify_fx.remove_adapter(served, adapter)
+        assert all(torch.equal(before[k], v) for k, v in served.state_dict().items())
+        assert all(not served.get_parameter(f).is_contiguous() for f in adapter.entries)
+    with torch.no_grad():
+        for f in adapter.entries:
+            served.get_parameter(f).data.mul_(2.0)  # unseen by the version counter
+    with pytest.raises(sparsify_fx.AdapterError, match="different base"):
+        sparsify_fx.apply_adapter(served, adapter)
