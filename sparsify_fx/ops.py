@@ -202,7 +202,8 @@ def s2ft_weight_grad(grad_y: Tensor, x_saved: Tensor, dim: int, starts: list[int
 
 
 @s2ft_weight_grad.register_fake
-def _(grad_y, x_saved, dim, starts, lengths, x_is_sliced):
+def _fake_weight_grad(grad_y, x_saved, dim, starts, lengths, x_is_sliced):
+    # also the fake kernel of the Triton lowering (codegen/kernels/sliced_wgrad.py): same schema, same outputs
     _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
     dtype = torch.promote_types(grad_y.dtype, x_saved.dtype)
     if dim == 0:

@@ -32,7 +32,11 @@ from torch import Tensor
 
 from sparsify_fx.codegen.lowering import register_lowering
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.ops import _check_weight_grad_args, _weight_grad_slices  # also defines the sparsify ops
+from sparsify_fx.ops import (  # also defines the sparsify ops
+    _check_weight_grad_args,
+    _fake_weight_grad,
+    _weight_grad_slices,
+)
 
 try:
     import triton
@@ -311,14 +315,6 @@ def s2ft_weight_grad_triton(grad_y: Tensor, x_saved: Tensor, dim: int, starts: l
     _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
     return [sliced_wgrad(grad_y, x_saved, dim, off, n)
             for off, n in _weight_grad_slices(dim, starts, lengths, x_is_sliced)]
-
-
-def _fake_weight_grad(grad_y, x_saved, dim, starts, lengths, x_is_sliced):
-    _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
-    dtype = torch.promote_types(grad_y.dtype, x_saved.dtype)
-    if dim == 0:
-        return [grad_y.new_empty((n, x_saved.shape[-1]), dtype=dtype) for n in lengths]
-    return [grad_y.new_empty((grad_y.shape[-1], n), dtype=dtype) for n in lengths]
 
 
 s2ft_weight_grad_triton.register_fake(_fake_weight_grad)
