@@ -320,7 +320,8 @@ def _stream_like(g: Group) -> bool:
     return g.kind == "hidden" or g.normalized
 
 
-def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> dict[str, float]:
+def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> tuple[dict[str, float], list[Group]]:
+    """The ratio per kind and the groups it prunes (hidden and normalised ones only with prune_hidden)."""
     present = {g.kind for g in report.groups}
     if isinstance(cfg.ratio, Mapping):
         absent = [k for k in cfg.ratio if k not in present]
@@ -344,7 +345,16 @@ def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> dict[str, float
         if not any(g.kind in ratios for g in streams):
             named = sorted({g.kind for g in streams})
             raise ConfigError(f"prune_hidden=True but ratio names none of the kinds it enables ({named}); add one.")
-    return ratios
+    groups = [g for g in report.groups if g.kind in ratios and (cfg.prune_hidden or not _stream_like(g))]
+    if isinstance(cfg.ratio, Mapping):
+        for kind in ratios:
+            if not any(g.kind == kind for g in groups):
+                raise ConfigError(
+                    f"every {kind} group of this model is normalised by a LayerNorm/RMSNorm/GroupNorm: removing "
+                    "units changes the norm's statistics, as for the hidden stream; set prune_hidden=True to "
+                    "prune it anyway."
+                )
+    return ratios, groups
 
 
 def _n_remove(ratio: float, units: int) -> int:
@@ -617,16 +627,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     if uses_data and calibration is not None and not calibration:
         raise ConfigError("PruneConfig.calibration is empty; pass at least one batch.")
     report = analyze(model, example_inputs)
-    ratios = _resolve_ratios(report, cfg)
-    groups = [g for g in report.groups if g.kind in ratios and (cfg.prune_hidden or not _stream_like(g))]
-    if isinstance(cfg.ratio, Mapping):
-        for kind in ratios:
-            if not any(g.kind == kind for g in groups):
-                raise ConfigError(
-                    f"every {kind} group of this model is normalised by a LayerNorm/RMSNorm/GroupNorm: removing "
-                    "units changes the norm's statistics, as for the hidden stream; set prune_hidden=True to "
-                    "prune it anyway."
-                )
+    ratios, groups = _resolve_ratios(report, cfg)
 
     # ---- indices of every unit in every member
     plans: list[_GroupPlan] = []

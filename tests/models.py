@@ -81,6 +81,15 @@ def bert(layers: int = 2, heads: int = 4, hidden: int = 64, inter: int = 128, vo
     return BertModel(cfg)
 
 
+def albert(layers: int = 2, heads: int = 4, embedding: int = 32, hidden: int = 64, inter: int = 128, vocab: int = 128):
+    """Factorised embeddings: a LayerNorm-ed ``embedding``-wide space mapped to the ``hidden`` stream by a linear."""
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = AlbertConfig(vocab_size=vocab, embedding_size=embedding, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, intermediate_size=inter)
+    return AlbertModel(cfg)
+
+
 class SmallCNN(nn.Module):
     """conv -> BatchNorm -> ReLU -> conv -> BatchNorm -> ReLU -> pool -> linear."""
 

@@ -352,12 +352,8 @@ def test_failure_after_writes_rolls_back():
 
 
 def _albert():
-    import transformers as T
-
     torch.manual_seed(0)
-    config = T.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=128)
-    return T.AlbertModel(config).eval()
+    return models.albert().eval()
 
 
 def test_normalised_channel_space_is_pruned_only_when_asked():

@@ -403,11 +403,8 @@ def test_model_whose_heads_are_pinned_trains_its_ffn_and_says_so():
 def test_factorised_embedding_is_not_taken_for_an_ffn():
     # ALBERT maps 32-wide embeddings to the 64-wide stream with a linear: that 32-space is not an FFN whose
     # up projection is the embedding table (S²FT used to try to run the Embedding as a linear layer)
-    import transformers as T
-
     torch.manual_seed(0)
-    model = T.AlbertModel(T.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=128)).eval()
+    model = models.albert().eval()
     rep = sparsify_fx.analyze(model, (IDS,))
     (emb,) = [g for g in rep.groups if g.num_units == 32]
     assert emb.kind == "channels"
