@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import AdapterError
-from sparsify_fx.passes.permute import _tensor
 from sparsify_fx.passes.s2ft import state_of
+from sparsify_fx.passes.surgery import get_tensor as _tensor
 
 FORMAT = "sparsify_fx.s2ft_adapter"
 VERSION = 1
@@ -84,28 +84,77 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
             f"{path!r} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be truncated or "
             "corrupt: re-export it with export_adapter(model).save(path)."
         ) from exc
+    return _parse_adapter(path, metadata, tensors)
+
+
+def _parse_adapter(path: str, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> Adapter:
+    """An :class:`Adapter` from a file's header and tensors, every field type- and range-checked first.
+
+    Raises AdapterError naming the file, the entry and the field; NaN/inf deltas are refused here, since applying
+    them would poison the base weights they touch (and remove_adapter restores only what the adapter wrote).
+    """
+
+    def bad(what: str) -> AdapterError:
+        return AdapterError(f"{path!r} has inconsistent adapter contents: {what}; re-export it with "
+                            "export_adapter(model).save(path).")
+
     if metadata.get("format") != FORMAT:
         raise AdapterError(f"{path!r} is not a sparsify_fx S²FT adapter (format={metadata.get('format')!r}).")
-    if int(metadata.get("version", -1)) > VERSION:
-        raise AdapterError(f"{path!r} has adapter format version {metadata['version']}; upgrade sparsify_fx.")
+    version = metadata.get("version", "")
+    if not version.isdigit():
+        raise bad(f"header field version={version!r} is not a non-negative integer")
+    if int(version) > VERSION:
+        raise AdapterError(f"{path!r} has adapter format version {version}; upgrade sparsify_fx.")
     try:
         meta_entries = json.loads(metadata["entries"])
         config = json.loads(metadata.get("config", "{}"))
-        fingerprint = metadata["fingerprint"]
-        entries = {}
-        for i, m in enumerate(meta_entries):
-            index, delta = tensors[f"{i}.index"], tensors[f"{i}.delta"]
-            shape, dim = tuple(int(s) for s in m["shape"]), int(m["dim"])
-            expect = list(shape)
-            expect[dim] = index.numel()
-            if index.dtype != torch.int64 or list(delta.shape) != expect or not 0 <= dim < len(shape):
-                raise ValueError(f"entry {m['fqn']}: index/delta shapes do not match the recorded shape")
-            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= shape[dim]):
-                raise ValueError(f"entry {m['fqn']}: index out of range")
-            entries[m["fqn"]] = AdapterEntry(m["fqn"], dim, shape, index, delta)
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path!r} has inconsistent adapter contents: {exc}") from exc
+    except KeyError as exc:
+        raise bad(f"header field {exc.args[0]!r} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise bad(f"a header field is not JSON ({exc})") from exc
+    fingerprint = metadata.get("fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise bad(f"header field fingerprint={fingerprint!r} is not a hash string")
+    if not isinstance(config, dict):
+        raise bad(f"header field config={config!r} is not a JSON object")
+    if not isinstance(meta_entries, list):
+        raise bad(f"header field entries={meta_entries!r} is not a list")
+    entries: dict[str, AdapterEntry] = {}
+    for i, m in enumerate(meta_entries):
+        if not isinstance(m, dict):
+            raise bad(f"entry {i} is {m!r}, not a JSON object")
+        fqn = m.get("fqn")
+        if not isinstance(fqn, str) or not fqn:
+            raise bad(f"entry {i} field fqn={fqn!r} is not a parameter name")
+        if fqn in entries:
+            raise bad(f"entry {i} repeats {fqn!r}")
+        shape, dim = m.get("shape"), m.get("dim")
+        # ints only: json gives 1.5 or true for a hand-edited header, and int() would quietly accept both
+        if not isinstance(shape, list) or not shape or not all(_is_int(x) and x >= 1 for x in shape):
+            raise bad(f"entry {i} ({fqn}) field shape={shape!r} is not a list of positive ints")
+        if not _is_int(dim) or not 0 <= dim < len(shape):
+            raise bad(f"entry {i} ({fqn}) field dim={dim!r} is not a dim of its {len(shape)}-D shape {shape}")
+        index, delta = tensors.get(f"{i}.index"), tensors.get(f"{i}.delta")
+        if index is None or delta is None:
+            raise bad(f"entry {i} ({fqn}) has no tensor {i}.index or {i}.delta")
+        expect = list(shape)
+        expect[dim] = index.numel()
+        if index.dtype != torch.int64 or index.dim() != 1 or list(delta.shape) != expect:
+            raise bad(f"entry {i} ({fqn}): index/delta shapes do not match the recorded shape {shape} at dim {dim}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= shape[dim]):
+            raise bad(f"entry {i} ({fqn}): index out of range [0, {shape[dim]})")
+        if index.unique().numel() != index.numel():
+            raise bad(f"entry {i} ({fqn}): index repeats a position")
+        if not delta.is_floating_point():
+            raise bad(f"entry {i} ({fqn}): delta has dtype {delta.dtype}, not a floating type")
+        if not torch.isfinite(delta).all():
+            raise bad(f"entry {i} ({fqn}): delta holds {int((~torch.isfinite(delta)).sum())} NaN/inf values")
+        entries[fqn] = AdapterEntry(fqn, dim, tuple(shape), index, delta)
     return Adapter(entries, fingerprint, config)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------------- export

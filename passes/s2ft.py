@@ -29,7 +29,9 @@ import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes._batch import batch_loss, calibrate
-from sparsify_fx.passes.permute import _tensor, permute
+from sparsify_fx.passes.copermute import permute
+from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, unwrap
+from sparsify_fx.passes.surgery import get_tensor as _tensor
 
 log = logging.getLogger("sparsify_fx")
 
@@ -37,6 +39,18 @@ log = logging.getLogger("sparsify_fx")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o", "qkv")
 FFN_PROJECTIONS = ("gate", "up", "down")
 Strategy = Literal["random", "magnitude", "gradient", "activation"]
+
+
+class ZeroUnitsWarning(UserWarning):
+    """A ratio rounds to zero units of a kind somewhere: that kind trains nothing there."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 @dataclass
@@ -82,32 +96,83 @@ class S2FTConfig:
             self.attention = (self.attention,)
         if isinstance(self.ffn, str):
             self.ffn = (self.ffn,)
+        # a list is as good as a tuple; anything else is left for validate() to name
+        if isinstance(self.attention, list):
+            self.attention = tuple(self.attention)
+        if isinstance(self.ffn, list):
+            self.ffn = tuple(self.ffn)
 
     def validate(self) -> None:
-        for name, projs, known in (
-            ("attention", self.attention, ATTENTION_PROJECTIONS),
-            ("ffn", self.ffn, FFN_PROJECTIONS),
-        ):
-            bad = [p for p in projs if p not in known]
+        """Check every field's type and range; raises :class:`ConfigError` naming the field, the value and the fix.
+
+        Called by :func:`s2ft` before it reads the model, so a bad config never touches it. Sizes that depend on
+        the model (layer indices, unit counts) are checked against it later, still before the first write.
+
+        Example:
+            >>> S2FTConfig(attention_ratio=0.25).validate()
+        """
+        for name, known in (("attention", ATTENTION_PROJECTIONS), ("ffn", FFN_PROJECTIONS)):
+            projs = getattr(self, name)
+            if isinstance(projs, str) or not isinstance(projs, Sequence):
+                raise ConfigError(
+                    f"S2FTConfig.{name} must be a tuple of projection names, got {projs!r}; pass e.g. {known[:2]!r}, "
+                    f"or () to leave every {name} unit frozen."
+                )
+            bad = [p for p in projs if not isinstance(p, str) or p not in known]
             if bad:
                 raise ConfigError(f"S2FTConfig.{name} has unknown projection(s) {bad}; choose from {list(known)}.")
         for name in ("attention_ratio", "ffn_ratio"):
             r = getattr(self, name)
-            if not isinstance(r, int | float) or isinstance(r, bool) or not (0 < r <= 1):
-                raise ConfigError(f"S2FTConfig.{name} must be in (0, 1], got {r!r}.")
-        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool)
-                                        or self.budget <= 0):
-            raise ConfigError(f"S2FTConfig.budget must be a positive number of parameters, got {self.budget!r}.")
+            if not _is_real(r) or not math.isfinite(r) or not (0 < r <= 1):
+                raise ConfigError(f"S2FTConfig.{name} must be a finite number in (0, 1], got {r!r}.")
+        if self.budget is not None and (not _is_int(self.budget) or self.budget <= 0):
+            raise ConfigError(
+                f"S2FTConfig.budget must be a positive int (a number of trainable parameters) or None, "
+                f"got {self.budget!r}."
+            )
         if self.scope not in ("per_layer", "global"):
             raise ConfigError(f"S2FTConfig.scope must be 'per_layer' or 'global', got {self.scope!r}.")
+        if self.layers is not None:
+            # a str or a bare int is a common slip for [0]: `0 in "0"` raises TypeError, `in 5` too
+            if isinstance(self.layers, str) or not isinstance(self.layers, Sequence):
+                raise ConfigError(
+                    f"S2FTConfig.layers must be a list of layer indices or None, got {self.layers!r}; "
+                    f"e.g. layers=[0, 1]."
+                )
+            bad = [x for x in self.layers if not _is_int(x) or x < 0]
+            if bad:
+                raise ConfigError(
+                    f"S2FTConfig.layers must hold non-negative int layer indices, got {bad} in {list(self.layers)!r}."
+                )
+            repeated = sorted({x for x in self.layers if list(self.layers).count(x) > 1})
+            if repeated:
+                # most likely a typo for another layer; training a layer "twice" has no meaning
+                raise ConfigError(
+                    f"S2FTConfig.layers names layer(s) {repeated} more than once in {list(self.layers)!r}; "
+                    "list each layer once."
+                )
         if self.strategy not in ("random", "magnitude", "gradient", "activation"):
             raise ConfigError(
                 f"S2FTConfig.strategy must be random, magnitude, gradient or activation, got {self.strategy!r}."
+            )
+        if not _is_int(self.seed):
+            raise ConfigError(f"S2FTConfig.seed must be an int, got {self.seed!r}; e.g. seed=0.")
+        if self.calibration is not None and (isinstance(self.calibration, str | bytes)
+                                             or not isinstance(self.calibration, Iterable)):
+            raise ConfigError(
+                f"S2FTConfig.calibration must be an iterable of batches (a list or a DataLoader) or None, "
+                f"got {type(self.calibration).__name__}."
+            )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError(
+                f"S2FTConfig.loss_fn must be a callable (model, batch) -> loss or None, got {self.loss_fn!r}."
             )
         if self.strategy in ("gradient", "activation") and self.calibration is None:
             raise ConfigError(f"strategy={self.strategy!r} needs calibration batches: pass calibration=[...].")
         if self.layout not in ("view", "separate"):
             raise ConfigError(f"S2FTConfig.layout must be 'view' or 'separate', got {self.layout!r}.")
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"S2FTConfig.progress must be True or False, got {self.progress!r}.")
         if not self.attention and not self.ffn:
             raise ConfigError("S2FTConfig trains nothing: both attention and ffn projections are empty.")
 
@@ -287,6 +352,12 @@ def _score(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, to
             for pairs in u.projections.values():
                 for m, occ in pairs:
                     s += _unit_view(_tensor(model, m.fqn).detach().float(), m, occ).pow(2).sum(1)
+            if not torch.isfinite(s).all():
+                raise ConfigError(
+                    f"strategy='magnitude': the weights of {u.group.name} ({', '.join(sorted(_fqns(u)))}) hold "
+                    "NaN/inf values (or overflow float32 when squared), so units cannot be ranked; repair the "
+                    "checkpoint or use strategy='random'."
+                )
             out[u.group.name] = s
         return out
     if cfg.strategy == "gradient":
@@ -311,16 +382,33 @@ def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> di
             p.requires_grad_(True)
             p.grad = None
         batches = _batches(cfg, "gradient scores")
-        for batch in tqdm(batches, desc="s2ft calibration (gradient)", disable=not cfg.progress, leave=False):
+        for b, batch in enumerate(
+            tqdm(batches, desc="s2ft calibration (gradient)", disable=not cfg.progress, leave=False)
+        ):
             loss = batch_loss(model, batch, cfg.loss_fn, "strategy='gradient'")
+            # a NaN loss gives NaN scores, and sorting NaNs ranks units arbitrarily: refuse instead
+            if not torch.isfinite(loss.detach()).all():
+                raise ConfigError(
+                    f"strategy='gradient': calibration batch {b} gives a non-finite loss ({loss.item()}), so its "
+                    "gradients cannot rank units; drop or fix that batch (or the loss_fn), or use "
+                    "strategy='magnitude'."
+                )
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             by_name = dict(zip(params, grads))
             for u in units:
                 for pairs in u.projections.values():
                     for m, occ in pairs:
                         gr = by_name[m.fqn]
-                        if gr is not None:
-                            scores[u.group.name] += _unit_view(gr.float(), m, occ).pow(2).sum(1)
+                        if gr is None:
+                            continue
+                        contrib = _unit_view(gr.float(), m, occ).pow(2).sum(1)
+                        if not torch.isfinite(contrib).all():
+                            raise ConfigError(
+                                f"strategy='gradient': calibration batch {b} gives non-finite gradients of "
+                                f"{m.fqn}, so they cannot rank units; drop or fix that batch, or use "
+                                "strategy='magnitude'."
+                            )
+                        scores[u.group.name] += contrib
     finally:
         for n, p in params.items():
             p.requires_grad_(saved[n][0])
@@ -331,18 +419,32 @@ def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> di
 def _activation_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
     """Norm of each unit's output: the input a unit feeds into its consumer (o_proj / down_proj)."""
     scores = {u.group.name: torch.zeros(u.group.num_units) for u in units}
-    hooks: list[tuple[nn.Module, Callable]] = []
+    batch_no = [-1]
+
+    def count(_mod, _args):
+        # the model's own pre-hook fires once per batch, before any inner module's
+        batch_no[0] += 1
+
+    hooks: list[tuple[nn.Module, Callable]] = [(model, count)]
     for u in units:
         consumer = next((m for m in u.group.members if m.role == "in" and not m.is_buffer), None)
         if consumer is None:
             continue
-        mod = model.get_submodule(consumer.fqn.rpartition(".")[0])
+        mod_name = consumer.fqn.rpartition(".")[0]
+        mod = model.get_submodule(mod_name)
         occ = consumer.occurrences[0]
 
-        def hook(_mod, args, u=u, occ=occ):
+        def hook(_mod, args, u=u, occ=occ, _mod_name=mod_name):
             x = args[0].detach().float()
             seg = x.narrow(-1, occ.offsets[0], occ.units * occ.inner).reshape(-1, occ.units, occ.inner)
-            scores[u.group.name] += seg.pow(2).sum(dim=(0, 2))
+            contrib = seg.pow(2).sum(dim=(0, 2))
+            if not torch.isfinite(contrib).all():
+                raise ConfigError(
+                    f"strategy='activation': calibration batch {batch_no[0]} gives non-finite activations (NaN/inf) "
+                    f"at the input of {_mod_name}, so they cannot rank units; drop or fix that batch, or use "
+                    "strategy='magnitude'."
+                )
+            scores[u.group.name] += contrib
 
         hooks.append((mod, hook))
     calibrate(model, hooks, _batches(cfg, "activation scores"), "s2ft calibration (activation)", cfg.progress)
@@ -390,16 +492,55 @@ def _select(units: list[Unit], scores: dict[str, torch.Tensor], cfg: S2FTConfig)
             for i, u in enumerate(units):
                 if u.kind == kind:
                     u.selected = sorted(picked.get(i, []))
+    # with a budget the ratios only weigh the kinds, so a kind left out is the budget's choice, not a rounding slip
+    hints = _zero_unit_hints(units, cfg) if cfg.budget is None else []
     if not any(u.selected for u in units):
         raise ConfigError(
             "the ratios/budget select no unit at all; raise attention_ratio/ffn_ratio or the budget "
             f"(smallest unit costs {min(u.cost_per_unit for u in units)} parameters)."
+            + "".join(f" {h}" for h in hints)
         )
+    for h in hints:
+        warnings.warn(f"S²FT: {h}", ZeroUnitsWarning, stacklevel=3)
 
 
 def _count(u: Unit, ratio: float) -> int:
     k = int(round(ratio * u.group.num_units))
     return min(u.group.num_units, k)
+
+
+_UNIT_NAMES = {"attention": "heads", "ffn": "channels"}
+
+
+def _zero_unit_hints(units: list[Unit], cfg: S2FTConfig) -> list[str]:
+    """One sentence per kind whose ratio rounds to zero units somewhere, with the smallest ratio that selects one.
+
+    ``round(r * n)`` is 1 at ``r = 1 / n`` (Python rounds 0.5 to even, i.e. to 0, so ``0.5 / n`` is not enough)."""
+    hints = []
+    for kind in ("attention", "ffn"):
+        of_kind = [u for u in units if u.kind == kind]
+        if not of_kind:
+            continue
+        field_name, ratio, what = f"{kind}_ratio", getattr(cfg, f"{kind}_ratio"), _UNIT_NAMES[kind]
+        if cfg.scope == "per_layer":
+            empty = [u for u in of_kind if _count(u, ratio) == 0]
+            if not empty:
+                continue
+            sizes = sorted({u.group.num_units for u in empty})
+            layers = sorted({u.group.layer for u in empty if u.group.layer is not None})
+            where = f" (layers {layers})" if len(empty) < len(of_kind) and layers else ""
+            hints.append(
+                f"{field_name} {ratio:g} selects 0 of {'/'.join(map(str, sizes))} {what} per layer{where}, so no "
+                f"{kind} unit trains there; {1 / sizes[0]:.4g} or more selects one."
+            )
+        else:
+            total = sum(u.group.num_units for u in of_kind)
+            if int(round(ratio * total)) == 0:
+                hints.append(
+                    f"{field_name} {ratio:g} selects 0 of {total} {what} across layers (scope='global'), so no "
+                    f"{kind} unit trains; {1 / total:.4g} or more selects one."
+                )
+    return hints
 
 
 def _share(units: list[Unit], kind: str, ratio: dict[str, float]) -> float:
@@ -412,9 +553,26 @@ def _share(units: list[Unit], kind: str, ratio: dict[str, float]) -> float:
 class S2FTLinear(nn.Module):
     """A frozen linear layer whose selected contiguous row/column blocks are trainable parameters.
 
-    ``weight`` keeps the wrapped module's parameter (and layout: ``[out, in]`` for ``nn.Linear``,
+    ``weight`` keeps the wrapped module's parameter (and shape: ``[out, in]`` for ``nn.Linear``,
     ``[in, out]`` for transposed layers such as transformers' ``Conv1D``). ``blocks[i]`` is the
     trainable slice ``weight.narrow(param_dim, starts[i], lengths[i])``.
+
+    With ``layout="view"`` every block is one dense span of memory: fused and foreach optimizers walk a
+    parameter's memory linearly, and a column block of a row-major weight is a strided view with gaps, so
+    ``AdamW(fused=True)`` would write the frozen columns between its rows. A weight whose blocks run along
+    a dim that is not outermost in memory is therefore re-stored with that dim outermost (same Parameter
+    object, shape and values; column-major for column blocks): :func:`s2ft` does it, and this constructor
+    refuses a view layout whose blocks would have gaps. Autograd then hands each block a gradient with the
+    block's strides and optimizers create state with them. ``merge`` makes the weight row-major again, and
+    ``state_dict()`` emits contiguous copies of such a weight and of view blocks, so the dict saves with
+    safetensors (which refuses strided and memory-sharing tensors) and loads back into either layout.
+
+    Example:
+        >>> lin = nn.Linear(8, 4)
+        >>> lin.weight.data = lin.weight.data.t().contiguous().t()  # column blocks need columns outermost
+        >>> m = S2FTLinear(lin, lin.weight, lin.bias, False, param_dim=1, starts=[2], lengths=[3], layout="view")
+        >>> m.blocks[0].t().is_contiguous()
+        True
     """
 
     def __init__(
@@ -428,6 +586,13 @@ class S2FTLinear(nn.Module):
         lengths: list[int],
         layout: str,
     ) -> None:
+        if layout == "view" and not blocks_are_dense(weight, param_dim):
+            raise ConfigError(
+                f"S2FTLinear: view blocks along dim {param_dim} of a weight with strides {tuple(weight.stride())} "
+                "would have gaps, and fused optimizers (AdamW(fused=True)) would write the frozen values in them; "
+                f"store the weight with dim {param_dim} outermost first (sparsify_fx.s2ft does) or use "
+                "layout='separate'."
+            )
         super().__init__()
         self.weight = weight
         self.bias = bias
@@ -443,7 +608,7 @@ class S2FTLinear(nn.Module):
         for s, n in zip(starts, lengths):
             view = weight.data.narrow(param_dim, s, n)
             blocks.append(nn.Parameter(view if layout == "view" else view.clone(), requires_grad=True))
-        self.blocks = nn.ParameterList(blocks)
+        self.blocks = _BlockList(blocks)
         # the original module object, restored by merge(); kept outside the module tree
         object.__setattr__(self, "_original", original)
 
@@ -465,6 +630,14 @@ class S2FTLinear(nn.Module):
             if dst.data_ptr() != b.data_ptr():
                 dst.copy_(b.data)
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # a weight re-stored for dense blocks is saved row-major, as the plain layer would be (safetensors refuses
+        # strided tensors); with keep_vars the caller wants the Parameter itself, to write through it
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.get(prefix + "weight")
+        if not keep_vars and isinstance(w, torch.Tensor) and not w.is_contiguous():
+            destination[prefix + "weight"] = w.contiguous()
+
     def extra_repr(self) -> str:
         return (
             f"weight={tuple(self.weight.shape)}, trainable {'rows' if self.logical_dim == 0 else 'columns'} "
@@ -473,11 +646,29 @@ class S2FTLinear(nn.Module):
 
 
 def _linear_orientation(module: nn.Module, fqn: str, in_dim: int | None) -> bool:
-    """Is ``module`` a linear layer y = x @ W.T + b (False) or y = x @ W + b (True)? Checked
-    numerically, so any module that computes a linear map of its last dim qualifies, whatever its type."""
+    """Is ``module`` a linear layer y = x @ W.T + b (False) or y = x @ W + b (True)?
+
+    With real weights it is checked numerically, so any module that computes a linear map of its last dim
+    qualifies, whatever its type. A meta weight has no values to compare: the orientation is the same one the
+    numeric check assumes (from the analysis' ``in_dim``), checked against the module type where that fixes it
+    (``nn.Linear``; transformers' ``Conv1D``, weight ``[in, out]``) and otherwise by a run on meta that checks
+    the output shape. So a meta model gets the same orientation, hence the same plan, as the same model on CPU;
+    what meta cannot check is that a custom module's map is plain linear (a scaled or masked one passes).
+
+    Args:
+        module: the layer whose weight S²FT will train.
+        fqn: the weight's FQN, for messages.
+        in_dim: the weight dim the analysis saw contract the input, or None when it did not say.
+
+    Example:
+        >>> _linear_orientation(nn.Linear(4, 3), "fc.weight", 1)
+        False
+    """
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ConfigError(f"{fqn}: S²FT trains 2-D linear weights; this module's weight is not one.")
+    if w.is_meta:
+        return _meta_orientation(module, w, fqn, in_dim)
     transposed = in_dim == 0
     n_in = w.shape[0] if transposed else w.shape[1]
     x = torch.randn(3, n_in, dtype=w.dtype, device=w.device)
@@ -496,6 +687,66 @@ def _linear_orientation(module: nn.Module, fqn: str, in_dim: int | None) -> bool
     return transposed
 
 
+def _meta_orientation(module: nn.Module, w: torch.Tensor, fqn: str, in_dim: int | None) -> bool:
+    """:func:`_linear_orientation` for a meta weight: the same assumed orientation as the numeric check
+    (``in_dim == 0``), checked against the module type where it is known, else by a shape-only run."""
+    transposed = in_dim == 0
+    # exact types: a subclass may override forward (a quantised or adapter-wrapped Linear)
+    if type(module) is nn.Linear:
+        known: bool | None = False
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        known = True  # transformers' Conv1D: y = x @ W + b with W [in, out]
+    else:
+        known = None
+    if known is None and in_dim is None and w.shape[0] == w.shape[1]:
+        raise ConfigError(
+            f"{fqn}: on the meta device S²FT cannot tell whether {type(module).__name__} computes x @ W.T or "
+            "x @ W (square weight, no values to compare, and the analysis saw no linear op read it); run s2ft "
+            "on the model with real weights (e.g. model.to_empty(device='cpu')), or leave that projection out."
+        )
+    n_in, n_out = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+    with torch.no_grad():
+        try:
+            y = module(torch.empty(3, n_in, dtype=w.dtype, device=w.device))
+        except Exception as exc:
+            raise ConfigError(f"{fqn}: cannot run {type(module).__name__} as a linear layer ({exc}).") from exc
+    if known not in (None, transposed) or not isinstance(y, torch.Tensor) or tuple(y.shape) != (3, n_out):
+        raise ConfigError(
+            f"{fqn}: {type(module).__name__} does not compute a plain linear map of its input, so its weight "
+            "cannot be trained through S²FT's sparse linear; leave that projection out of the config."
+        )
+    return transposed
+
+
+def blocks_are_dense(weight: torch.Tensor, dim: int) -> bool:
+    """Is every ``weight.narrow(dim, s, n)`` one dense span of memory (``dim`` outermost, no gaps)?
+
+    Args:
+        weight: a 2-D weight.
+        dim: the dim the blocks run along.
+
+    Example:
+        >>> blocks_are_dense(torch.empty(4, 8), 0), blocks_are_dense(torch.empty(4, 8), 1)
+        (True, False)
+    """
+    return weight.movedim(dim, 0).is_contiguous()
+
+
+class _BlockList(nn.ParameterList):
+    """``S2FTLinear.blocks``. A view block shares its weight's memory, which safetensors refuses to save twice, so
+    ``state_dict()`` holds a copy of it (blocks are the trained few percent, so the copies are small)."""
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars:
+            return
+        for name in self._parameters:
+            b = destination.get(prefix + name)
+            # a view block's storage is its weight's, larger than the block itself
+            if isinstance(b, torch.Tensor) and b.untyped_storage().nbytes() > b.numel() * b.element_size():
+                destination[prefix + name] = b.clone(memory_format=torch.contiguous_format)
+
+
 # ---------------------------------------------------------------------- state kept on the model
 @dataclass
 class S2FTState:
@@ -509,8 +760,12 @@ class S2FTState:
     requires_grad: dict[str, bool] = field(default_factory=dict)  # flags before the transform
 
 
+STATE_ATTR = "_sparsify_s2ft"
+
+
 def state_of(model: nn.Module) -> S2FTState:
-    st = getattr(model, "_sparsify_s2ft", None)
+    """The S²FT state of a transformed model (or of the module inside its ``torch.compile`` wrapper)."""
+    st = getattr(unwrap(model), STATE_ATTR, None)
     if st is None:
         raise ConfigError("this model was not transformed by sparsify_fx.s2ft (nothing to describe/merge/export).")
     return st
@@ -520,87 +775,118 @@ def state_of(model: nn.Module) -> S2FTState:
 def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None) -> nn.Module:
     """Transform ``model`` in place for structured sparse fine-tuning and return it.
 
-    After the call only the selected blocks require grad; train with any optimizer on
-    ``model.parameters()``. On any error the model is left exactly as it was.
+    After the call only the selected blocks require grad; train with any optimizer on ``model.parameters()``.
+    The call is a transaction: on any error, ``KeyboardInterrupt`` included, the model is left exactly as it was.
+
+    Args:
+        model: any ``nn.Module`` (or its ``torch.compile`` wrapper: the state goes on the module inside).
+        example_inputs: a tuple of positional inputs (or a dict of keyword inputs) to trace the model with.
+        config: what trains and how units are chosen; :class:`S2FTConfig` defaults if None.
+
+    Example::
+
+        model = sparsify_fx.s2ft(model, (input_ids,), sparsify_fx.S2FTConfig(attention_ratio=0.25))
+        opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
     """
     cfg = config or S2FTConfig()
     cfg.validate()
-    if getattr(model, "_sparsify_s2ft", None) is not None:
-        raise ConfigError("model is already S²FT-transformed; merge() it first to transform again.")
-    report = analyze(model, example_inputs)
-    units = _plan(report, model, cfg)
-    scores = _score(model, units, cfg)
+    target = unwrap(model)
+    require_composable(target, Verb.S2FT)
+    report = analyze(target, example_inputs)
+    units = _plan(report, target, cfg)
+    scores = _score(target, units, cfg)
     _select(units, scores, cfg)
     units = [u for u in units if u.selected]
-
-    # everything that can fail on the user's input has run; mutate under a snapshot
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        perms: dict[str, torch.Tensor] = {}
-        for u in units:
-            rest = [i for i in range(u.group.num_units) if i not in set(u.selected)]
-            perm = torch.tensor(u.selected + rest, dtype=torch.long)
-            permute(model, u.group, perm)
-            perms[u.group.name] = perm
-        slices = [
-            Slice(m.fqn, m.dim, occ.offsets[0], len(u.selected) * occ.inner, proj, occ)
-            for u in units
-            for proj, pairs in u.projections.items()
-            for m, occ in pairs
-        ]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        modules: dict[str, str] = {}
-        base_blocks: dict[tuple[str, int], torch.Tensor] = {}
-        by_weight: dict[str, list[Slice]] = {}
-        for s in slices:
-            by_weight.setdefault(s.fqn, []).append(s)
-        for wfqn, ss in by_weight.items():
-            dims = {s.dim for s in ss}
-            if len(dims) != 1:
-                raise ConfigError(f"{wfqn} would train rows and columns at once; select one side per weight.")
-            mod_name = wfqn.rpartition(".")[0]
-            module = model.get_submodule(mod_name)
-            # the weight dim that contracts the layer's input: the member's dim where the group is consumed,
-            # the other dim where it is produced
-            role_in = next((m.dim for u in units for m in u.group.members if m.fqn == wfqn and m.role == "in"), None)
-            pdim = ss[0].dim
-            in_dim = role_in if role_in is not None else (1 - pdim if _is_out(units, wfqn) else None)
-            transposed = _linear_orientation(module, wfqn, in_dim)
-            ss.sort(key=lambda s: s.start)
-            new = S2FTLinear(
-                module,
-                module.weight,
-                getattr(module, "bias", None),
-                transposed,
-                pdim,
-                [s.start for s in ss],
-                [s.length for s in ss],
-                cfg.layout,
-            )
-            for s in ss:
-                base_blocks[(wfqn, s.start)] = module.weight.detach().narrow(pdim, s.start, s.length).clone()
-            parent_name, _, child = mod_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
-            swapped.append((parent, child, module))
-            modules[mod_name] = wfqn
-        groups = {u.group.name: u.group for u in units}
-        state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags)
-        object.__setattr__(model, "_sparsify_s2ft", state)
-    except Exception:
-        for parent, child, module in reversed(swapped):
-            setattr(parent, child, module)
-        with torch.no_grad():
-            current = model.state_dict(keep_vars=True)
-            for k, v in snapshot.items():
-                current[k].data.copy_(v)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
-        raise
+    swaps = _swap_plan(target, units)
+    with Journal(target) as j:
+        _apply(target, units, swaps, cfg, j)
     return model
+
+
+@dataclass
+class _Swap:
+    """One weight whose module becomes an :class:`S2FTLinear`: where its blocks are and how it computes."""
+
+    module: str
+    weight: str
+    transposed: bool
+    dim: int  # parameter dim the blocks run along
+    slices: list[Slice]
+
+
+def _swap_plan(model: nn.Module, units: list[Unit]) -> list[_Swap]:
+    """Check every weight that will train (runs each module once as a linear map) before anything is written."""
+    by_weight: dict[str, list[Slice]] = {}
+    for u in units:
+        for proj, pairs in u.projections.items():
+            for m, occ in pairs:
+                # the block's start is the occurrence's offset: after co-permutation the selected units lead it
+                s = Slice(m.fqn, m.dim, occ.offsets[0], len(u.selected) * occ.inner, proj, occ)
+                by_weight.setdefault(m.fqn, []).append(s)
+    swaps = []
+    for wfqn, ss in by_weight.items():
+        dims = {s.dim for s in ss}
+        if len(dims) != 1:
+            raise ConfigError(f"{wfqn} would train rows and columns at once; select one side per weight.")
+        mod_name = wfqn.rpartition(".")[0]
+        # the weight dim that contracts the layer's input: the member's dim where the group is consumed,
+        # the other dim where it is produced
+        role_in = next((m.dim for u in units for m in u.group.members if m.fqn == wfqn and m.role == "in"), None)
+        pdim = ss[0].dim
+        in_dim = role_in if role_in is not None else (1 - pdim if _is_out(units, wfqn) else None)
+        transposed = _linear_orientation(get_module(model, mod_name), wfqn, in_dim)
+        swaps.append(_Swap(mod_name, wfqn, transposed, pdim, sorted(ss, key=lambda s: s.start)))
+    return swaps
+
+
+def _dense_block_layout(j: Journal, weight: nn.Parameter, dim: int) -> None:
+    """Store ``weight`` so that a block along ``dim`` is one dense piece of memory.
+
+    A column block of a row-major weight is a strided view with gaps; fused optimizers (``AdamW(fused=True)``,
+    the Trainer's default) walk a parameter's memory as if it were contiguous and write into the gaps, i.e. into
+    frozen weights. With ``dim`` outermost in memory every block is dense (AccumulateGrad gives ``.grad`` the
+    parameter's strides and optimizer state copies them). Same Parameter object, same values; :func:`merge`
+    restores the row-major layout.
+    """
+    # also re-stores a weight that is itself a strided view with gaps (rows of a wider buffer)
+    if not blocks_are_dense(weight, dim):
+        j.set_data(weight, weight.data.movedim(dim, 0).contiguous().movedim(0, dim))
+
+
+def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTConfig, j: Journal) -> None:
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    perms: dict[str, torch.Tensor] = {}
+    for u in units:
+        rest = [i for i in range(u.group.num_units) if i not in set(u.selected)]
+        perm = torch.tensor(u.selected + rest, dtype=torch.long)
+        permute(model, u.group, perm, journal=j)
+        perms[u.group.name] = perm
+    for p in model.parameters():
+        j.requires_grad_(p, False)
+    modules: dict[str, str] = {}
+    base_blocks: dict[tuple[str, int], torch.Tensor] = {}
+    for sw in swaps:
+        module = get_module(model, sw.module)
+        if cfg.layout == "view":
+            _dense_block_layout(j, module.weight, sw.dim)
+        new = S2FTLinear(
+            module,
+            module.weight,
+            getattr(module, "bias", None),
+            sw.transposed,
+            sw.dim,
+            [s.start for s in sw.slices],
+            [s.length for s in sw.slices],
+            cfg.layout,
+        )
+        for s in sw.slices:
+            base_blocks[(sw.weight, s.start)] = module.weight.detach().narrow(sw.dim, s.start, s.length).clone()
+        j.swap_module(model, sw.module, new)
+        modules[sw.module] = sw.weight
+    groups = {u.group.name: u.group for u in units}
+    slices = [s for sw in swaps for s in sw.slices]
+    state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags)
+    j.setattr(model, STATE_ATTR, state, raw=True)
 
 
 def _is_out(units: list[Unit], wfqn: str) -> bool:
@@ -635,28 +921,42 @@ def _fqns(u: Unit) -> set[str]:
 def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The plain model: original module types, original unit order, trained weights in place.
 
-    Outputs equal the transformed model's. With ``inplace=False`` (default) the transformed model
-    is left as it is and a merged copy is returned.
+    Outputs equal the transformed model's. Everything laid out like a permuted weight moves back with it (N:M
+    masks added by a later :func:`~sparsify_fx.sparsify`), hooks on the swapped modules stay, and the weights get
+    their row-major layout back. The in-place merge is a transaction: on any error the model is unchanged.
+
+    Args:
+        model: a model returned by :func:`s2ft` (or its ``torch.compile`` wrapper).
+        inplace: merge ``model`` itself; by default it is left as it is and a merged copy is returned.
+
+    Example::
+
+        plain = sparsify_fx.merge(model)   # a copy; model still trains
     """
     state_of(model)
     if not inplace:
         model = copy.deepcopy(model)
-    st = state_of(model)
-    with torch.no_grad():
+    target = unwrap(model)
+    st = state_of(target)
+    with Journal(target) as j:
         for mod_name in st.modules:
-            parent_name, _, child = mod_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = getattr(parent, child)
-            wrapped.sync_()
+            wrapped = get_module(target, mod_name)
+            w = wrapped.weight
+            for s, n, b in zip(wrapped.starts, wrapped.lengths, wrapped.blocks):
+                dst = w.data.narrow(wrapped.param_dim, s, n)
+                if dst.data_ptr() != b.data_ptr():  # separate layout: the trained values live in the blocks
+                    j.copy_(dst, b.detach())
+            if not w.is_contiguous():
+                j.set_data(w, w.data.contiguous())
             original = wrapped._original
-            original.weight = wrapped.weight
-            if wrapped.bias is not None:
-                original.bias = wrapped.bias
-            setattr(parent, child, original)
+            if original.weight is not w:
+                j.setattr(original, "weight", w)
+            if wrapped.bias is not None and getattr(original, "bias", None) is not wrapped.bias:
+                j.setattr(original, "bias", wrapped.bias)
+            j.swap_module(target, mod_name, original, attributes=False)
         for name, perm in st.perms.items():
-            permute(model, st.groups[name], torch.argsort(perm))
-    for n, p in model.named_parameters():
-        p.requires_grad_(st.requires_grad.get(n, True))
-    object.__setattr__(model, "_sparsify_s2ft", None)
-    del model._sparsify_s2ft
+            permute(target, st.groups[name], torch.argsort(perm), journal=j)
+        for n, p in target.named_parameters():
+            j.requires_grad_(p, st.requires_grad.get(n, True))
+        j.setattr(target, STATE_ATTR, None, raw=True)
     return model

@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "export_sparse": "sparsify_fx.passes.nm",
     "load_sparse": "sparsify_fx.passes.nm",
     "explain": "sparsify_fx.codegen.explain",
+    "permute": "sparsify_fx.passes.copermute",
 }
 
 __all__ = [
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_adapter,
         remove_adapter,
     )
+    from sparsify_fx.passes.copermute import permute  # noqa: F401
     from sparsify_fx.passes.nm import BlockConfig, NMConfig, export_sparse, load_sparse, sparsify  # noqa: F401
     from sparsify_fx.passes.prune import PruneConfig, prune  # noqa: F401
     from sparsify_fx.passes.s2ft import S2FTConfig, describe, merge, s2ft  # noqa: F401

@@ -3,6 +3,8 @@
 * :func:`assert_equivalent` — two models compute the same outputs and the same parameter/input gradients.
 * :func:`check_pass` — a graph pass keeps the function (and its gradients) of a real traced model.
 * :func:`check_kernel` — a kernel matches its reference on random inputs, per dtype (Triton interpreter on CPU).
+* :func:`model_snapshot` / :func:`assert_unchanged` / :func:`fail_at_write` / :func:`count_writes` — a pass is a
+  transaction: fail it at each of its writes and check the model is bit-identical afterwards.
 
 See ``docs/testing_kit.md`` for a worked example of testing a new pass.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +25,14 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "Equivalence",
     "PassCheck",
+    "ModelSnapshot",
     "assert_equivalent",
+    "assert_unchanged",
     "check_kernel",
     "check_pass",
+    "count_writes",
+    "fail_at_write",
+    "model_snapshot",
 ]
 
 # (rtol, atol) per dtype; atol is scaled by the reference's largest magnitude (at least 1)
@@ -344,3 +352,94 @@ def check_kernel(kernel: Callable, reference: Callable, shapes: Sequence[Sequenc
                     worst = max(worst, (a32 - b32).abs().max().item())
             results.append((case, dtype, worst))
     return results
+
+
+# ---------------------------------------------------------------------------------------------------- transactions
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :func:`fail_at_write` at the chosen write."""
+
+
+@dataclass
+class ModelSnapshot:
+    """Everything a failed pass must leave as it was: tensor values (by identity and by name), module objects and
+    types, ``requires_grad``, hooks, modes and the state passes keep on modules."""
+
+    tensors: dict[str, tuple[int, torch.Tensor, tuple[int, ...], bool]]
+    modules: dict[str, tuple[int, str, bool, tuple[tuple[str, tuple[int, ...]], ...], tuple[str, ...]]]
+
+
+def _hook_ids(mod: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    from sparsify_fx.passes.surgery import HOOK_TABLES
+
+    return tuple((t, tuple(getattr(mod, t))) for t in HOOK_TABLES if getattr(mod, t, None))
+
+
+def _state_keys(mod: nn.Module) -> tuple[str, ...]:
+    return tuple(sorted(k for k in mod.__dict__ if k.startswith("_sparsify") and mod.__dict__[k] is not None))
+
+
+def model_snapshot(model: nn.Module) -> ModelSnapshot:
+    """Capture ``model`` for :func:`assert_unchanged` (a copy of every parameter and buffer)."""
+    tensors = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
+            remove_duplicate=False)):
+        tensors[name] = (id(t), t.detach().clone(), tuple(t.stride()), t.requires_grad)
+    modules = {
+        name: (id(m), type(m).__qualname__, m.training, _hook_ids(m), _state_keys(m))
+        for name, m in model.named_modules(remove_duplicate=False)
+    }
+    return ModelSnapshot(tensors, modules)
+
+
+def assert_unchanged(model: nn.Module, before: ModelSnapshot) -> None:
+    """Assert ``model`` is bit-identical to the snapshot: the same tensor objects with the same values, strides
+    and ``requires_grad``, the same module objects, types, modes and hooks."""
+    after = model_snapshot(model)
+    assert after.modules.keys() == before.modules.keys(), (
+        f"module tree changed: {sorted(after.modules.keys() ^ before.modules.keys())[:6]}")
+    for name, b in before.modules.items():
+        assert after.modules[name] == b, f"module {name!r} changed: {b} -> {after.modules[name]}"
+    assert after.tensors.keys() == before.tensors.keys(), (
+        f"tensor names changed: {sorted(after.tensors.keys() ^ before.tensors.keys())[:6]}")
+    for name, (tid, value, stride, rg) in before.tensors.items():
+        tid2, value2, stride2, rg2 = after.tensors[name]
+        assert tid2 == tid, f"{name} is another tensor object"
+        assert value2.dtype == value.dtype and value2.shape == value.shape, f"{name} changed dtype or shape"
+        assert torch.equal(value2, value) or (value.is_floating_point() and torch.equal(
+            value2.isnan(), value.isnan()) and torch.equal(value2.nan_to_num(), value.nan_to_num())), (
+            f"{name} values changed")
+        assert stride2 == stride, f"{name} memory layout changed: {stride} -> {stride2}"
+        assert rg2 == rg, f"{name}.requires_grad changed"
+
+
+@contextmanager
+def count_writes() -> Any:
+    """Count the journaled writes a block makes: ``with count_writes() as n: prune(...)``; then ``n[0]``."""
+    from sparsify_fx.passes.surgery import fault_hook
+
+    box = [0]
+
+    def tick(_what: str) -> None:
+        box[0] += 1
+
+    with fault_hook(tick):
+        yield box
+
+
+@contextmanager
+def fail_at_write(k: int, exc: type[BaseException] = InjectedFault) -> Any:
+    """Raise ``exc`` at the ``k``-th journaled write (0-based) inside the block; the pass must roll back."""
+    from sparsify_fx.passes.surgery import fault_hook
+
+    box = [0]
+
+    def tick(what: str) -> None:
+        if box[0] == k:
+            box[0] += 1
+            raise exc(f"injected at write {k} ({what})")
+        box[0] += 1
+
+    with fault_hook(tick):
+        yield box

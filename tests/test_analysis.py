@@ -14,7 +14,7 @@ from models import output_tensor as _out
 from models import rel_err
 
 import sparsify_fx
-from sparsify_fx.passes.permute import permute
+from sparsify_fx.passes import permute
 
 TOL = 1e-5  # fp32 relative error for permuted vs original outputs and input gradients
 

@@ -12,7 +12,7 @@ from models import rel_err
 from torch import nn
 
 import sparsify_fx
-from sparsify_fx.passes.permute import permute
+from sparsify_fx.passes import permute
 from sparsify_fx.passes.s2ft import S2FTLinear, state_of
 
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
