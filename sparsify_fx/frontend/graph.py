@@ -9,7 +9,7 @@ same analysis runs on all of them, keyed by the same FQNs.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,12 +79,7 @@ class TracedGraph:
                 continue
             kind = kinds.get(spec.kind.name, "input")
             inputs[name] = InputInfo(kind, spec.target if kind != "input" else None)  # type: ignore[arg-type]
-        by_storage: dict[tuple[int, int], list[str]] = {}
-        for fqn, t in ep.state_dict.items():
-            if isinstance(t, torch.Tensor):
-                by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), []).append(fqn)
-        tied = [names for names in by_storage.values() if len(names) > 1]
-        return cls(ep.graph_module, inputs, "export", ep, tied=tied)
+        return cls(ep.graph_module, inputs, "export", ep, tied=tied_names(ep.state_dict))
 
     @classmethod
     def from_dynamo(cls, gm: torch.fx.GraphModule) -> TracedGraph:
@@ -106,6 +101,42 @@ class TracedGraph:
         for i, n in enumerate(placeholders):
             inputs[n.name] = flat_inputs[i] if i < len(flat_inputs) else InputInfo("input")
         return cls(gm, inputs, "aot", num_user_outputs=num_user_outputs)
+
+
+def _alias_key(t: torch.Tensor) -> tuple[int, ...]:
+    """What makes two tensors one: the same storage *object* at the same offset, shape and strides.
+
+    Not the data address: every meta tensor (and every zero-size one) has ``data_ptr() == 0``, so
+    address keys made all parameters of a ``torch.device("meta")`` model one tie. The storage object
+    is the same for a parameter registered under two names (``lm_head.weight = wte.weight``) and for
+    two Parameters sharing memory (``nn.Parameter(w.data)``), on every device.
+    """
+    try:
+        storage = t.untyped_storage()._cdata  # the StorageImpl, unique while the tensor lives
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return (id(t),)  # a wrapper subclass with no storage of its own: only the object itself aliases it
+    return (storage, t.storage_offset(), *t.shape, -1, *t.stride())
+
+
+def tied_names(state: Mapping[str, object]) -> list[list[str]]:
+    """Groups of FQNs in ``state`` that name one tensor (tied weights), each in ``state``'s order.
+
+    Args:
+        state: FQN -> tensor, e.g. an ``ExportedProgram.state_dict`` or
+            ``dict(model.named_parameters(remove_duplicate=False))``; non-tensors are skipped.
+
+    Example:
+        >>> emb = torch.nn.Embedding(8, 4)
+        >>> head = torch.nn.Linear(4, 8, bias=False)
+        >>> head.weight = emb.weight
+        >>> tied_names({"emb.weight": emb.weight, "head.weight": head.weight, "head.bias": torch.zeros(8)})
+        [['emb.weight', 'head.weight']]
+    """
+    by_alias: dict[tuple[int, ...], list[str]] = {}
+    for fqn, t in state.items():
+        if isinstance(t, torch.Tensor):
+            by_alias.setdefault(_alias_key(t), []).append(fqn)
+    return [names for names in by_alias.values() if len(names) > 1]
 
 
 _SOURCE_PART = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")

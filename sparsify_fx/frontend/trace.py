@@ -108,6 +108,11 @@ def trace(
     dynamic; any torch.export ``dynamic_shapes`` spec is also accepted. transformers models have
     their KV cache switched off for the trace (and restored afterwards). The model is not modified.
 
+    A model built under ``torch.device("meta")`` traces like one with real weights (torch.export runs on
+    fake tensors, so only shapes and dtypes matter): pass its example inputs on CPU or on meta, either
+    works. Parameters are known by FQN; tied weights are found by aliasing (one tensor under two names, or
+    one storage object), never by data address, which is 0 for every meta tensor.
+
     Raises :class:`TraceError` naming the failing op or source line.
     """
     if not isinstance(model, torch.nn.Module):
