@@ -32,6 +32,7 @@ from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
 from sparsify_fx.passes._batch import calibrate
+from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
 
 __all__ = [
     "BlockConfig",
@@ -53,6 +54,7 @@ __all__ = [
 
 FORMAT = "sparsify_fx.sparse"
 VERSION = 1
+MAX_M = 256  # positions within a group are stored as uint8
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,9 +154,22 @@ def _check_config(cfg: NMConfig | BlockConfig) -> None:
             f"sparsify: need pgf_decay_steps >= 0 and 0 <= pgf_start <= 1, got {cfg.pgf_decay_steps}, "
             f"{cfg.pgf_start}."
         )
+    if not isinstance(cfg.progress, bool):
+        raise ConfigError(f"sparsify: progress must be True or False, got {cfg.progress!r}.")
+    if cfg.calibration is not None and (isinstance(cfg.calibration, str | bytes)
+                                        or not isinstance(cfg.calibration, Iterable)):
+        raise ConfigError(
+            f"sparsify: calibration must be an iterable of example inputs or None, got "
+            f"{type(cfg.calibration).__name__}."
+        )
     if isinstance(cfg, NMConfig):
         if not (_is_int(cfg.n) and _is_int(cfg.m)) or cfg.n <= 0 or cfg.n > cfg.m:
-            raise ConfigError(f"sparsify: N:M needs integers 0 < n <= m, got n={cfg.n}, m={cfg.m}.")
+            raise ConfigError(f"sparsify: N:M needs integers 0 < n <= m, got n={cfg.n!r}, m={cfg.m!r}.")
+        if cfg.m > MAX_M:
+            # the compact export stores a position within its group in one byte
+            raise ConfigError(
+                f"sparsify: m={cfg.m} exceeds {MAX_M} (positions are stored as uint8); pick m <= {MAX_M}."
+            )
     else:
         block = cfg.block
         if not isinstance(block, tuple) or len(block) != 2 or any(not _is_int(b) or b <= 0 for b in block):
@@ -171,6 +186,12 @@ def _check_config(cfg: NMConfig | BlockConfig) -> None:
 
 
 def _check_nm_shape(in_: int, m: int, padding: str) -> None:
+    # checked before anything is allocated: a group longer than the row would be all padding (m=2**40: 140 TB)
+    if m > in_:
+        raise ConfigError(
+            f"sparsify: m={m} exceeds in_features={in_}: a group of m consecutive input weights cannot be longer than "
+            f"the row, even with padding; pick m <= {in_} or skip the layer (skip=[...])."
+        )
     if in_ % m and padding != "zero":
         raise ConfigError(
             f"sparsify: in_features={in_} is not a multiple of m={m}; pick m dividing it, skip the layer, "
@@ -179,6 +200,12 @@ def _check_nm_shape(in_: int, m: int, padding: str) -> None:
 
 
 def _check_block_shape(out: int, in_: int, block: Sequence[int], padding: str) -> None:
+    # before anything is allocated: a tile larger than the weight would be mostly padding
+    if block[0] > out or block[1] > in_:
+        raise ConfigError(
+            f"sparsify: block {tuple(block)} is larger than weight ({out}, {in_}), even with padding; pick a block "
+            f"of at most ({out}, {in_}) or skip the layer (skip=[...])."
+        )
     if (out % block[0] or in_ % block[1]) and padding != "zero":
         raise ConfigError(
             f"sparsify: block {tuple(block)} does not tile weight ({out}, {in_}); pick a block dividing both "
@@ -230,6 +257,9 @@ def block_mask(score: Tensor, block: Sequence[int], density: float, padding: str
 
 class _MaskedMixin:
     """Forward and PGF bookkeeping shared by the masked layer types (``weight_oi``/``mask_oi``: ``[out, in]`` views)."""
+
+    # the mask is laid out like the weight: a co-permutation of the weight (S²FT's merge) moves it too
+    sparsify_companions = {"weight": ("mask",)}
 
     def _init_mask(self, mask_oi: Tensor, pattern: tuple[str, int, int], pgf_decay_steps: int,
                    pgf_start: float) -> None:
@@ -411,12 +441,23 @@ def _shared_params(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
 def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
     """Prune the selected linear layers of ``model`` to ``config``'s pattern, in place; returns ``model``.
 
-    All masks are computed (and every shape checked) before anything changes, so a :class:`ConfigError` leaves
-    the model exactly as it was.
+    All masks are computed (and every shape checked) before anything changes, and the writes are one transaction:
+    on any error, ``KeyboardInterrupt`` included, the model is exactly as it was. On an S²FT model the layers S²FT
+    trains stay dense (their blocks train densely); the masks of the others move with their weights in ``merge``.
+
+    Args:
+        model: the model (or its ``torch.compile`` wrapper) whose ``nn.Linear``/``Conv1D`` layers to mask.
+        config: :class:`NMConfig` (n of every m inputs) or :class:`BlockConfig` (dense tiles).
+
+    Example::
+
+        sparsify_fx.sparsify(model, sparsify_fx.NMConfig(n=2, m=4, skip=("lm_head",)))
     """
     if not isinstance(config, (NMConfig, BlockConfig)):
         raise ConfigError(f"sparsify: config must be NMConfig or BlockConfig, got {type(config).__name__}.")
     _check_config(config)
+    wrapper, model = model, unwrap(model)
+    require_composable(model, Verb.SPARSIFY)
     layers = _selected(model, config)
     if not layers:
         raise ConfigError(
@@ -442,24 +483,19 @@ def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
             masks[name] = _mask_for(score, config)
     pattern = (("nm", config.n, config.m) if isinstance(config, NMConfig)
                else ("block", config.block[0], config.block[1]))
-    for name, mod in layers.items():
-        with torch.no_grad():
-            _weight_oi(mod).mul_(masks[name].to(mod.weight.dtype))
-        new = _wrap(mod, masks[name], pattern, pgf_decay_steps=config.pgf_decay_steps, pgf_start=config.pgf_start)
-        _set_submodule(model, name, new)
-    return model
+    with Journal(model) as j:
+        for name, mod in layers.items():
+            w_oi, mask = _weight_oi(mod), masks[name].to(mod.weight.dtype)
+            j.copy_(w_oi, lambda w_oi=w_oi, mask=mask: w_oi * mask)
+            new = _wrap(mod, masks[name], pattern, pgf_decay_steps=config.pgf_decay_steps, pgf_start=config.pgf_start)
+            j.swap_module(model, name, new)
+    return wrapper
 
 
 def _mask_for(score: Tensor, cfg: NMConfig | BlockConfig) -> Tensor:
     if isinstance(cfg, NMConfig):
         return nm_mask(score, cfg.n, cfg.m, cfg.padding)
     return block_mask(score, cfg.block, cfg.density, cfg.padding)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -586,8 +622,51 @@ def export_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     if not layers:
         raise ConfigError("export_sparse: the model has no masked layer; call sparsify(model, config) first.")
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    metadata = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layers)}
+    # every layer sparsify could have touched, masked or not: load_sparse checks the whole model against it, so a
+    # file from a 2-layer model does not half-load into a 3-layer one
+    metadata = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layers),
+                "linear_layers": json.dumps(_linear_layers(model))}
     save_safetensors_atomic(tensors, path, metadata, prefix=".sparse-")
+
+
+def _linear_layers(model: nn.Module) -> list[str]:
+    """FQNs of every layer sparsify can mask (plain or already masked), in module order."""
+    return [name for name, mod in model.named_modules() if _is_target(mod) or isinstance(mod, _MaskedMixin)]
+
+
+def _check_entry(path: str, i: int, e: Any) -> None:
+    """Types and ranges of one header entry, before any decoding allocates from them (m=0 divides by zero, a huge
+    m or block allocates that much)."""
+
+    def bad(field: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(
+            f"load_sparse: {path!r} layer entry {i} has {field}={value!r}; {want}. The header is corrupt or "
+            "hand-edited: export the model again."
+        )
+
+    if not isinstance(e, Mapping):
+        raise bad("entry", e, "expected a JSON object")
+    if not isinstance(e.get("fqn"), str):
+        raise bad("fqn", e.get("fqn"), "expected a module name (string)")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(x) and x >= 1 for x in shape):
+        raise bad("shape", shape, "expected two positive ints [out, in]")
+    kind = e.get("kind")
+    if kind == "nm":
+        n, m, packed = e.get("n"), e.get("m"), e.get("packed")
+        if not _is_int(m) or not 1 <= m <= min(shape[1], MAX_M):
+            raise bad("m", m, f"expected an int in [1, {min(shape[1], MAX_M)}] (at most in_features={shape[1]})")
+        if not _is_int(n) or not 1 <= n <= m:
+            raise bad("n", n, f"expected an int in [1, m={m}]")
+        if not isinstance(packed, bool) or (packed and m > 16):
+            raise bad("packed", packed, "expected true (only when m <= 16) or false")
+    elif kind == "block":
+        block = e.get("block")
+        if (not isinstance(block, list) or len(block) != 2
+                or not all(_is_int(b) and 1 <= b <= d for b, d in zip(block, shape))):
+            raise bad("block", block, f"expected two ints [rows, cols] within the weight's shape {shape}")
+    else:
+        raise bad("kind", kind, "expected 'nm' or 'block'")
 
 
 def _load_plan(model: nn.Module, i: int, e: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple:
@@ -634,24 +713,62 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
     except Exception as exc:
         raise ConfigError(f"load_sparse: {path!r} is not a readable safetensors file ({exc}).") from exc
-    if metadata.get("format") != FORMAT or int(metadata.get("version", -1)) > VERSION:
-        raise ConfigError(f"load_sparse: {path!r} is not a sparsify_fx sparse export (version <= {VERSION}).")
+    version = metadata.get("version", "")
+    if metadata.get("format") != FORMAT or not version.isdigit() or int(version) > VERSION:
+        raise ConfigError(
+            f"load_sparse: {path!r} is not a sparsify_fx sparse export of version <= {VERSION} "
+            f"(format={metadata.get('format')!r}, version={version!r}); export it with export_sparse(model, path)."
+        )
     try:
         layers = json.loads(metadata["layers"])
+        if not isinstance(layers, list) or not layers:
+            raise ConfigError(f"load_sparse: {path!r} header field 'layers' must be a non-empty list; export again.")
+        for i, e in enumerate(layers):
+            _check_entry(path, i, e)
+        _check_coverage(model, path, [e["fqn"] for e in layers], metadata.get("linear_layers"))
         plan = [_load_plan(model, i, e, tensors) for i, e in enumerate(layers)]
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        if path in str(exc):
+            raise
+        raise ConfigError(f"{exc} (file {path!r})") from None
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         # a truncated or hand-edited file: decoding fails before any weight is written
         raise ConfigError(f"load_sparse: {path!r} is corrupt ({type(exc).__name__}: {exc}); export it again.") from exc
-    with torch.no_grad():
+    with Journal(model) as j:
         for fqn, mod, w, mk, bias, pattern in plan:
-            _weight_oi(mod).copy_(w)
+            j.copy_(_weight_oi(mod), w)
             if bias is not None:
-                mod.bias.copy_(bias)
+                j.copy_(mod.bias, bias)
             if isinstance(mod, _MaskedMixin):
-                mod.set_mask_oi(mk)
-                mod.pattern = pattern
+                j.copy_(mod.mask_oi(), mk)
+                j.setattr(mod, "pattern", pattern)
             else:
-                _set_submodule(model, fqn, _wrap(mod, mk, pattern))
+                j.swap_module(model, fqn, _wrap(mod, mk, pattern))
     return model
+
+
+def _check_coverage(model: nn.Module, path: str, fqns: list[str], recorded: str | None) -> None:
+    """The file must describe this whole model: the same maskable layers as the model it came from (files written
+    before that list was recorded skip this part), and every layer already masked here."""
+    repeated = sorted({f for f in fqns if fqns.count(f) > 1})
+    if repeated:
+        raise ConfigError(f"load_sparse: {path!r} lists layers {repeated} more than once; the file is corrupt.")
+    here = _linear_layers(model)
+    if recorded is not None:
+        there = json.loads(recorded)
+        if not isinstance(there, list) or not all(isinstance(f, str) for f in there):
+            raise ConfigError(f"load_sparse: {path!r} header field 'linear_layers' must be a list of names.")
+        missing, extra = sorted(set(there) - set(here)), sorted(set(here) - set(there))
+        if missing or extra:
+            raise ConfigError(
+                f"load_sparse: {path!r} was exported from another model ({len(there)} linear layers there, "
+                f"{len(here)} here): this model lacks {missing[:6]} and has {extra[:6]} that the file does not "
+                "cover; load it into the architecture it was exported from."
+            )
+    stale = [name for name, mod in model.named_modules() if isinstance(mod, _MaskedMixin) and name not in fqns]
+    if stale:
+        # they would keep their own masks beside the file's: a model that is neither
+        raise ConfigError(
+            f"load_sparse: this model's masked layers {stale[:6]} are not in {path!r}, so they would keep masks "
+            "from another run; load the file into a model sparsified the same way (or a plain one)."
+        )

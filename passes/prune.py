@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
 from sparsify_fx.passes._batch import batch_loss, calibrate, run_batch
+from sparsify_fx.passes.hf import warn_if_not_pretrained
+from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
 
 log = logging.getLogger("sparsify_fx")
 
@@ -92,6 +94,25 @@ class PruneConfig:
             )
         if not isinstance(self.keep_min, int) or isinstance(self.keep_min, bool) or self.keep_min < 1:
             raise ConfigError(f"PruneConfig.keep_min must be an int >= 1, got {self.keep_min!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"PruneConfig.seed must be an int, got {self.seed!r}; e.g. seed=0.")
+        for name in ("bias_compensation", "prune_hidden", "verify", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"PruneConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.calibration is not None and (isinstance(self.calibration, str | bytes)
+                                             or not isinstance(self.calibration, Iterable)):
+            raise ConfigError(
+                f"PruneConfig.calibration must be an iterable of batches (a list or a DataLoader) or None, "
+                f"got {type(self.calibration).__name__}."
+            )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError(
+                f"PruneConfig.loss_fn must be a callable (model, batch) -> loss or None, got {self.loss_fn!r}."
+            )
+        if not isinstance(self.ratio, int | float | Mapping) or isinstance(self.ratio, bool):
+            raise ConfigError(
+                f"PruneConfig.ratio must be a float in [0, 1) or a dict kind -> float, got {self.ratio!r}."
+            )
         ratios = self.ratio.values() if isinstance(self.ratio, Mapping) else [self.ratio]
         for r in ratios:
             if not isinstance(r, int | float) or isinstance(r, bool) or not (0 <= r < 1):
@@ -218,11 +239,23 @@ class _Stats:
 def _collect_stats(model: nn.Module, consumers: dict[str, _Consumer], batches: list[Any], progress: bool
                    ) -> dict[str, _Stats]:
     stats: dict[str, _Stats] = {}
+    batch_no = [-1]
+
+    def count(_mod: nn.Module, _args: tuple) -> None:
+        # the model's own pre-hook fires once per batch, before any inner module's
+        batch_no[0] += 1
 
     def hook(name: str, axis: int) -> Callable:
         def fn(_mod: nn.Module, args: tuple) -> None:
             x = args[0].detach().double()
             x = x.movedim(axis, -1).reshape(-1, x.shape[axis])
+            if not torch.isfinite(x).all():
+                # NaN statistics would rank units arbitrarily and NaN the compensated biases
+                raise ConfigError(
+                    f"prune: calibration batch {batch_no[0]} gives non-finite activations (NaN/inf) at the input "
+                    f"of {name}, so score='activation' / bias_compensation cannot use it; drop or fix that batch, "
+                    "or use score='magnitude' without bias_compensation."
+                )
             st = stats.get(name)
             if st is None:
                 st = stats[name] = _Stats(torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
@@ -233,7 +266,7 @@ def _collect_stats(model: nn.Module, consumers: dict[str, _Consumer], batches: l
 
         return fn
 
-    hooks = [(model.get_submodule(c.module), hook(c.module, c.axis)) for c in consumers.values()]
+    hooks = [(model, count)] + [(model.get_submodule(c.module), hook(c.module, c.axis)) for c in consumers.values()]
     calibrate(model, hooks, batches, "prune: calibration", progress)
     return stats
 
@@ -255,6 +288,11 @@ def _magnitude(model: nn.Module, g: Group, idx: Mapping[tuple[str, int], torch.T
             t = _get(model, m.fqn).detach().double()
             e = t.pow(2).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1)
             sq += e[idx[(m.fqn, m.dim)]].sum(1).cpu()
+        if not torch.isfinite(sq).all():
+            raise ConfigError(
+                f"prune: score='magnitude': the weights of {_mod} (group {g.name!r}) hold NaN/inf values, so its "
+                "units cannot be ranked; repair the checkpoint or use score='random'."
+            )
         logs += 0.5 * torch.log(sq.clamp_min(1e-300))
     return logs
 
@@ -291,10 +329,19 @@ def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, batches
     try:
         for t in params.values():
             t.requires_grad_(True)
-        for batch in tqdm(batches, desc="prune: calibration (taylor)", disable=not cfg.progress, leave=False):
+        for b, batch in enumerate(
+            tqdm(batches, desc="prune: calibration (taylor)", disable=not cfg.progress, leave=False)
+        ):
             for t in params.values():
                 t.grad = None
             loss = batch_loss(model, batch, cfg.loss_fn, "score='taylor'")
+            # NaN scores sort arbitrarily: refuse rather than prune by noise
+            if not torch.isfinite(loss.detach()).all():
+                raise ConfigError(
+                    f"prune: score='taylor': calibration batch {b} gives a non-finite loss ({loss.item()}), so "
+                    "its gradients cannot rank units; drop or fix that batch (or the loss_fn), or use "
+                    "score='magnitude'."
+                )
             loss.backward()
             for p in plans:
                 s = torch.zeros(p.group.num_units, dtype=torch.float64)
@@ -305,6 +352,12 @@ def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, batches
                     gw = (t.grad.detach().double() * t.detach().double())
                     gw = gw.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1).cpu()
                     s += gw[p.idx[(m.fqn, m.dim)]].sum(1)
+                if not torch.isfinite(s).all():
+                    raise ConfigError(
+                        f"prune: score='taylor': calibration batch {b} gives non-finite gradients for group "
+                        f"{p.group.name!r}, so they cannot rank its units; drop or fix that batch, or use "
+                        "score='magnitude'."
+                    )
                 scores[p.group.name] += s.pow(2)
     finally:
         for n, t in params.items():
@@ -546,56 +599,33 @@ def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingRep
 
 
 # ---------------------------------------------------------------------- journaled writes
-class _Journal:
-    """Records every write so a failure can restore the exact previous objects."""
-
-    def __init__(self) -> None:
-        self._undo: list[Callable[[], None]] = []
-
-    def set_tensor(self, mod: nn.Module, name: str, value: torch.Tensor | None) -> None:
-        table = mod._buffers if name in mod._buffers else mod._parameters
-        had = name in table
-        old = table.get(name)
-        table[name] = value  # type: ignore[assignment]
-        self._undo.append(lambda: table.__setitem__(name, old) if had else table.pop(name, None))
-
-    def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        old = getattr(obj, name)
-        setattr(obj, name, value)
-        self._undo.append(lambda: setattr(obj, name, old))
-
-    def rollback(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-
-def _module_fields(j: _Journal, mod: nn.Module) -> None:
+def _module_fields(j: Journal, mod: nn.Module) -> None:
     """Keep the size fields of standard module types in step with their new weights."""
     w = mod._parameters.get("weight")
     if isinstance(mod, nn.Linear) and w is not None:
-        j.set_attr(mod, "out_features", w.shape[0])
-        j.set_attr(mod, "in_features", w.shape[1])
+        j.setattr(mod, "out_features", w.shape[0])
+        j.setattr(mod, "in_features", w.shape[1])
     elif isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
         a, b = (w.shape[1], w.shape[0]) if mod.transposed else (w.shape[0], w.shape[1])
         if mod.groups > 1 and b == 1 and not mod.transposed:  # depthwise: groups follow the channels
-            j.set_attr(mod, "groups", a)
-        j.set_attr(mod, "out_channels", a if not mod.transposed else a * mod.groups)
-        j.set_attr(mod, "in_channels", b * mod.groups if not mod.transposed else w.shape[0])
+            j.setattr(mod, "groups", a)
+        j.setattr(mod, "out_channels", a if not mod.transposed else a * mod.groups)
+        j.setattr(mod, "in_channels", b * mod.groups if not mod.transposed else w.shape[0])
     elif isinstance(mod, nn.modules.batchnorm._NormBase):
         ref = w if w is not None else mod._buffers.get("running_mean")
         if ref is not None:
-            j.set_attr(mod, "num_features", ref.shape[0])
+            j.setattr(mod, "num_features", ref.shape[0])
     elif isinstance(mod, nn.GroupNorm) and w is not None:
-        j.set_attr(mod, "num_channels", w.shape[0])
+        j.setattr(mod, "num_channels", w.shape[0])
     elif isinstance(mod, nn.Embedding) and w is not None:
-        j.set_attr(mod, "num_embeddings", w.shape[0])
-        j.set_attr(mod, "embedding_dim", w.shape[1])
+        j.setattr(mod, "num_embeddings", w.shape[0])
+        j.setattr(mod, "embedding_dim", w.shape[1])
     elif hasattr(mod, "nf") and w is not None and w.dim() == 2:
-        j.set_attr(mod, "nf", w.shape[1])
+        j.setattr(mod, "nf", w.shape[1])
         if hasattr(mod, "nx"):
-            j.set_attr(mod, "nx", w.shape[0])
+            j.setattr(mod, "nx", w.shape[0])
     if w is not None and isinstance(getattr(mod, "normalized_shape", None), tuple):
-        j.set_attr(mod, "normalized_shape", tuple(w.shape[-len(mod.normalized_shape):]))
+        j.setattr(mod, "normalized_shape", tuple(w.shape[-len(mod.normalized_shape):]))
 
 
 def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -621,6 +651,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     """
     cfg = config if config is not None else PruneConfig()
     cfg.validate()
+    wrapper, model = model, unwrap(model)
+    require_composable(model, Verb.PRUNE)
     # read once: a generator would be spent by the first of taylor scoring and the statistics pass
     calibration = list(cfg.calibration) if cfg.calibration is not None else None
     uses_data = cfg.score in ("activation", "taylor") or cfg.bias_compensation
@@ -677,7 +709,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     _select(plans, scores, ratios, cfg)
     active = [p for p in plans if p.removed]
     if not active:
-        return model
+        return wrapper
 
     # ---- keep masks per tensor dim, in original coordinates
     aliases = _aliases(model)
@@ -759,7 +791,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
             if ref_out is None:
                 checkable = False
         # ---- write
-        j = _Journal()
+        j = Journal(model)
         try:
             touched: dict[int, nn.Module] = {}
             for tid, nt in new_tensors.items():
@@ -774,7 +806,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
             for mod in touched.values():
                 _module_fields(j, mod)
             for u in attr_updates:
-                j.set_attr(u.obj, u.name, u.new)
+                j.setattr(u.obj, u.name, u.new)
             if cfg.verify:
                 _verify(model, example_inputs, ref_out if checkable else None, attr_updates)
         except BaseException as e:
@@ -791,7 +823,10 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         model.train(was_training)
     for p in active:
         log.info("prune: %s removed %d of %d units", p.group.name, len(p.removed), p.group.num_units)
-    return model
+    # said now, before the user saves: from_pretrained rebuilds every layer from one config value per size
+    warn_if_not_pretrained(model, "prune", "prune every layer by the same amount (scope='per_layer', one ratio per "
+                           "kind, no bias_compensation on bias-free layers)")
+    return wrapper
 
 
 def _check_structure(model: nn.Module, masks: dict[int, dict[int, torch.Tensor]],
@@ -818,7 +853,7 @@ def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPl
                     aliases: dict[int, list[tuple[nn.Module, str]]], deltas: dict[str, torch.Tensor]
                     ) -> torch.Tensor | None:
     """Output of the original with removed units zeroed at their consumers (and compensated)."""
-    j = _Journal()
+    j = Journal(model)
     try:
         zeroed: dict[int, torch.Tensor] = {}
         for p in active:
