@@ -483,13 +483,16 @@ def test_adapter_switching_checks_the_base_once_and_rechecks_after_any_write(mon
         sparsify_fx.apply_adapter(served, b)
     served.load_state_dict(before)
 
-    # the base trained while an adapter is applied: remove restores only the adapter's rows, so the
-    # next apply must not trust the cache
+    # the base trained while an adapter is applied: remove refuses to write the stale base rows back (see
+    # tests/test_adapter_integrity.py); discarding the record keeps the trained weights, and the next apply
+    # must not trust the cache
     sparsify_fx.apply_adapter(served, a)
     with torch.no_grad():
         for p in served.parameters():
             p.add_(0.01)
-    sparsify_fx.remove_adapter(served, a)
+    with pytest.raises(sparsify_fx.AdapterError, match="written since apply_adapter"):
+        sparsify_fx.remove_adapter(served, a)
+    sparsify_fx.remove_adapter(served, a, discard=True)
     n = len(checks)
     with pytest.raises(sparsify_fx.AdapterError, match="different base"):
         sparsify_fx.apply_adapter(served, a)
