@@ -185,12 +185,17 @@ def _check_config(cfg: NMConfig | BlockConfig) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _longest(size: int, padding: str) -> int:
+    """The longest group or tile side a weight dim of ``size`` takes: the dim itself, or with zero padding less than
+    twice it (pads fewer than the real weights). Checked before any allocation: m=2**40 would allocate 140 TB."""
+    return 2 * size - 1 if padding == "zero" else size
+
+
 def _check_nm_shape(in_: int, m: int, padding: str) -> None:
-    # checked before anything is allocated: a group longer than the row would be all padding (m=2**40: 140 TB)
-    if m > in_:
+    if m > _longest(in_, padding):
         raise ConfigError(
-            f"sparsify: m={m} exceeds in_features={in_}: a group of m consecutive input weights cannot be longer than "
-            f"the row, even with padding; pick m <= {in_} or skip the layer (skip=[...])."
+            f"sparsify: m={m} is too large for in_features={in_} (padding={padding!r} allows groups up to "
+            f"{_longest(in_, padding)}: more would be mostly padding); pick m <= {in_} or skip the layer (skip=[...])."
         )
     if in_ % m and padding != "zero":
         raise ConfigError(
@@ -200,11 +205,11 @@ def _check_nm_shape(in_: int, m: int, padding: str) -> None:
 
 
 def _check_block_shape(out: int, in_: int, block: Sequence[int], padding: str) -> None:
-    # before anything is allocated: a tile larger than the weight would be mostly padding
-    if block[0] > out or block[1] > in_:
+    if block[0] > _longest(out, padding) or block[1] > _longest(in_, padding):
         raise ConfigError(
-            f"sparsify: block {tuple(block)} is larger than weight ({out}, {in_}), even with padding; pick a block "
-            f"of at most ({out}, {in_}) or skip the layer (skip=[...])."
+            f"sparsify: block {tuple(block)} is too large for weight ({out}, {in_}) (padding={padding!r} allows "
+            f"tiles up to ({_longest(out, padding)}, {_longest(in_, padding)}): more would be mostly padding); pick "
+            f"a block of at most ({out}, {in_}) or skip the layer (skip=[...])."
         )
     if (out % block[0] or in_ % block[1]) and padding != "zero":
         raise ConfigError(
@@ -654,8 +659,10 @@ def _check_entry(path: str, i: int, e: Any) -> None:
     kind = e.get("kind")
     if kind == "nm":
         n, m, packed = e.get("n"), e.get("m"), e.get("packed")
-        if not _is_int(m) or not 1 <= m <= min(shape[1], MAX_M):
-            raise bad("m", m, f"expected an int in [1, {min(shape[1], MAX_M)}] (at most in_features={shape[1]})")
+        # sparsify's own bound (zero padding allows groups up to 2 * in - 1), so every file it writes loads
+        longest = min(_longest(shape[1], "zero"), MAX_M)
+        if not _is_int(m) or not 1 <= m <= longest:
+            raise bad("m", m, f"expected an int in [1, {longest}] for in_features={shape[1]}")
         if not _is_int(n) or not 1 <= n <= m:
             raise bad("n", n, f"expected an int in [1, m={m}]")
         if not isinstance(packed, bool) or (packed and m > 16):
@@ -663,8 +670,8 @@ def _check_entry(path: str, i: int, e: Any) -> None:
     elif kind == "block":
         block = e.get("block")
         if (not isinstance(block, list) or len(block) != 2
-                or not all(_is_int(b) and 1 <= b <= d for b, d in zip(block, shape))):
-            raise bad("block", block, f"expected two ints [rows, cols] within the weight's shape {shape}")
+                or not all(_is_int(b) and 1 <= b <= _longest(d, "zero") for b, d in zip(block, shape))):
+            raise bad("block", block, f"expected two ints [rows, cols] below twice the weight's shape {shape}")
     else:
         raise bad("kind", kind, "expected 'nm' or 'block'")
 

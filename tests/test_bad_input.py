@@ -196,8 +196,10 @@ def test_prune_bad_input_refused(base, kwargs, match):
 # ------------------------------------------------------------------------------------------------- NM / block
 NM_BAD = [
     (NMConfig(n=2, m=2**40), r"m=1099511627776 exceeds 256"),
-    (NMConfig(n=2, m=128, padding="zero"), r"m=128 exceeds in_features=64.*pick m <= 64"),
-    (BlockConfig(block=(2**20, 16), padding="zero"), r"block \(1048576, 16\) is larger than weight \(64, 64\)"),
+    (NMConfig(n=2, m=128, padding="zero"), r"m=128 is too large for in_features=64 \(padding='zero' allows groups "
+                                           r"up to 127.*pick m <= 64"),
+    (NMConfig(n=2, m=128), r"m=128 is too large for in_features=64 \(padding='none' allows groups up to 64"),
+    (BlockConfig(block=(2**20, 16), padding="zero"), r"block \(1048576, 16\) is too large for weight \(64, 64\)"),
     (BlockConfig(block=(16, 1.5)), r"two positive ints"),
     (NMConfig(n=True, m=4), r"0 < n <= m, got n=True"),
     (NMConfig(n=2, m=4.0), r"0 < n <= m, got n=2, m=4.0"),
@@ -249,7 +251,7 @@ def _set(**kw):
 
 
 SPARSE_BAD = [
-    ("nm", _set(m=0), None, r"layer entry 0 has m=0; expected an int in \[1, 64\]"),
+    ("nm", _set(m=0), None, r"layer entry 0 has m=0; expected an int in \[1, 127\] for in_features=64"),
     ("nm", _set(m=-4), None, r"layer entry 0 has m=-4"),
     ("nm", _set(m=2**40), None, r"layer entry 0 has m=1099511627776"),
     ("nm", _set(m="4"), None, r"layer entry 0 has m='4'"),
