@@ -30,6 +30,7 @@ from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, anal
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes._batch import batch_loss, calibrate
 from sparsify_fx.passes.copermute import permute
+from sparsify_fx.passes.hf import drop_checkpointing_grads, keep_checkpointing_grads
 from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
@@ -887,6 +888,9 @@ def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTCon
     slices = [s for sw in swaps for s in sw.slices]
     state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags)
     j.setattr(model, STATE_ATTR, state, raw=True)
+    # the embeddings are frozen now: reentrant activation checkpointing needs their output to require grad
+    j.on_rollback(lambda: drop_checkpointing_grads(model), "checkpointing input-grad hook")
+    keep_checkpointing_grads(model)
 
 
 def _is_out(units: list[Unit], wfqn: str) -> bool:
@@ -959,4 +963,5 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for n, p in target.named_parameters():
             j.requires_grad_(p, st.requires_grad.get(n, True))
         j.setattr(target, STATE_ATTR, None, raw=True)
+    drop_checkpointing_grads(target)  # after the commit: a dict deletion, nothing left that can fail
     return model

@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "merge": "sparsify_fx.passes.s2ft",
     "export_adapter": "sparsify_fx.passes.adapter",
     "load_adapter": "sparsify_fx.passes.adapter",
+    "save_adapter": "sparsify_fx.passes.adapter",
     "apply_adapter": "sparsify_fx.passes.adapter",
     "remove_adapter": "sparsify_fx.passes.adapter",
     "Adapter": "sparsify_fx.passes.adapter",
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
         export_adapter,
         load_adapter,
         remove_adapter,
+        save_adapter,
     )
     from sparsify_fx.passes.copermute import permute  # noqa: F401
     from sparsify_fx.passes.nm import BlockConfig, NMConfig, export_sparse, load_sparse, sparsify  # noqa: F401
