@@ -25,6 +25,7 @@ import torch.nn as nn
 from sparsify_fx._io import save_safetensors_atomic, write_text_atomic
 from sparsify_fx.errors import AdapterError
 from sparsify_fx.passes.s2ft import state_of
+from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
 FORMAT = "sparsify_fx.s2ft_adapter"
@@ -531,6 +532,7 @@ def export_adapter(model: nn.Module) -> Adapter:
         >>> adapter = export_adapter(model)
         >>> adapter.save("task.safetensors")
     """
+    model = unwrap(model)
     st = state_of(model)
     for name in st.modules:
         model.get_submodule(name).sync_()
@@ -654,12 +656,13 @@ def _write(p: torch.Tensor, dim: int, idx: torch.Tensor, rows: torch.Tensor) -> 
     _leading(p, dim)[idx] = rows
 
 
+_STATE_ATTR = "_sparsify_adapters"
+
+
 def _state(model: nn.Module) -> tuple[list[_Applied], dict[int, _Prepared]]:
-    state = getattr(model, "_sparsify_adapters", None)
-    if state is None:
-        state = ([], {})
-        object.__setattr__(model, "_sparsify_adapters", state)
-    return state
+    """The applied stack and the switch cache; empty ones (not yet on the model) for a model never switched."""
+    state = getattr(model, _STATE_ATTR, None)
+    return state if state is not None else ([], {})
 
 
 def _lookup(model: nn.Module, fqn: str) -> torch.Tensor:
@@ -771,20 +774,28 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
         >>> apply_adapter(base, load_adapter("task.safetensors"))
         >>> remove_adapter(base)  # the base again, bit for bit
     """
-    if getattr(model, "_sparsify_s2ft", None) is not None:
-        raise AdapterError("apply_adapter needs a plain base model; this one is S²FT-transformed (merge() it first).")
+    wrapper, model = model, unwrap(model)
+    require_composable(model, Verb.APPLY_ADAPTER)
     params = _params_for(model, adapter)
     applied, cache = _state(model)
     prepared = cache.get(id(adapter))
     if prepared is None or prepared.adapter() is not adapter or not prepared.valid_for(params):
         prepared = _prepare(model, adapter, params)  # raises before anything is written
-        cache[id(adapter)] = prepared
     pre_keys = dict(prepared.keys)
-    for fqn, p in params.items():
-        dim, idx = prepared.index[fqn]
-        _write(p, dim, idx, prepared.new_rows[fqn])
-    applied.append(_Applied(prepared, pre_keys, {f: _key(p) for f, p in params.items()}))
-    return model
+    # A Journal without a model: no mode snapshot on the switch path. The rows an apply overwrites are the
+    # prepared base rows (valid_for/_prepare just checked), so undoing a write is writing those back.
+    with Journal() as j:
+        if getattr(model, _STATE_ATTR, None) is None:
+            j.setattr(model, _STATE_ATTR, (applied, cache), raw=True)
+        cache[id(adapter)] = prepared
+        for fqn, p in params.items():
+            dim, idx = prepared.index[fqn]
+            j.on_rollback(lambda p=p, dim=dim, idx=idx, fqn=fqn: _write(p, dim, idx, prepared.base_rows[fqn]),
+                          f"adapter rows of {fqn}")
+            _write(p, dim, idx, prepared.new_rows[fqn])
+        j.on_rollback(applied.pop, "applied record")
+        applied.append(_Applied(prepared, pre_keys, {f: _key(p) for f, p in params.items()}))
+    return wrapper
 
 
 @torch.no_grad()
@@ -807,6 +818,7 @@ def remove_adapter(model: nn.Module, adapter: Adapter | None = None, *, discard:
         >>> base.load_state_dict(new_checkpoint)
         >>> remove_adapter(base, discard=True)  # keep the new checkpoint; the adapter is no longer recorded
     """
+    wrapper, model = model, unwrap(model)
     applied, cache = _state(model)
     if not applied:
         raise AdapterError("no adapter is applied to this model.")
@@ -816,7 +828,7 @@ def remove_adapter(model: nn.Module, adapter: Adapter | None = None, *, discard:
     prepared = last.prepared
     if discard:
         applied.pop()
-        return model
+        return wrapper
     params = _params_for(model, prepared)
     if not _hold(prepared, params, prepared.new_bits):
         written = [f for f in params if not _hold(prepared, {f: params[f]}, prepared.new_bits)]
@@ -829,11 +841,15 @@ def remove_adapter(model: nn.Module, adapter: Adapter | None = None, *, discard:
         )
     untouched = all(_key(p) == last.post_keys[f] for f, p in params.items())
     restored: dict[str, _Key] = {}
-    for fqn, p in params.items():
-        dim, idx = prepared.index[fqn]
-        _write(p, dim, idx, prepared.base_rows[fqn])
-        restored[fqn] = _key(p)
-    applied.pop()
+    with Journal() as j:  # the rows a remove overwrites are the applied ones (_hold just checked)
+        for fqn, p in params.items():
+            dim, idx = prepared.index[fqn]
+            j.on_rollback(lambda p=p, dim=dim, idx=idx, fqn=fqn: _write(p, dim, idx, prepared.new_rows[fqn]),
+                          f"adapter rows of {fqn}")
+            _write(p, dim, idx, prepared.base_rows[fqn])
+            restored[fqn] = _key(p)
+        j.on_rollback(lambda: applied.append(last), "applied record")
+        applied.pop()
     for k in [k for k, v in cache.items() if v.adapter() is None]:
         del cache[k]
     if untouched:
@@ -843,4 +859,4 @@ def remove_adapter(model: nn.Module, adapter: Adapter | None = None, *, discard:
             for keys in [e.keys for e in cache.values()] + [a.post_keys for a in applied]:
                 if keys.get(fqn) == last.pre_keys[fqn]:
                     keys[fqn] = key
-    return model
+    return wrapper

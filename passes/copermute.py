@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from sparsify_fx.analysis import Group
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.frontend.graph import alias_key
 from sparsify_fx.passes.surgery import Journal, get_module, get_tensor, split_fqn, unwrap
 
 
@@ -70,10 +71,9 @@ def permute(model: nn.Module, group: Group, perm: Sequence[int] | torch.Tensor,
         tensors.append((m, t))
         tensors.extend((m, c) for c in companions(model_, m.fqn))
     with nullcontext(journal) if journal is not None else Journal(model_) as j:
-        done: set[tuple[int, int, int]] = set()  # tied parameters appear once
+        done: set[tuple[int, ...]] = set()  # tied parameters appear once
         for m, t in tensors:
-            key = (id(t), m.dim, 0) if t.device.type == "meta" else (
-                t.untyped_storage().data_ptr(), t.storage_offset(), m.dim)
+            key = (*alias_key(t), m.dim)
             if key in done:
                 continue
             done.add(key)

@@ -637,6 +637,26 @@ def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return out
 
 
+def _write(j: Journal, model: nn.Module, new_tensors: dict[int, torch.Tensor], tensors: dict[int, torch.Tensor],
+           aliases: dict[int, list[tuple[nn.Module, str]]], created: dict[str, torch.Tensor],
+           attr_updates: list[_AttrUpdate]) -> None:
+    """Put the smaller tensors in place, with the size fields and stored counts that follow them."""
+    touched: dict[int, nn.Module] = {}
+    for tid, nt in new_tensors.items():
+        old = tensors[tid]
+        new_obj = nn.Parameter(nt, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else nt
+        for mod, name in aliases[tid]:  # tied tensors stay tied: one new object for every alias
+            j.set_tensor(mod, name, new_obj)
+            touched[id(mod)] = mod
+    for mn, b in created.items():
+        mod = model.get_submodule(mn)
+        j.set_tensor(mod, "bias", nn.Parameter(b, requires_grad=mod.weight.requires_grad))
+    for mod in touched.values():
+        _module_fields(j, mod)
+    for u in attr_updates:
+        j.setattr(u.obj, u.name, u.new)
+
+
 # ---------------------------------------------------------------------- the pass
 def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = None) -> nn.Module:
     """Remove the lowest-scoring units of each coupled group from ``model``, in place.
@@ -790,35 +810,18 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
             ref_out = _ablated_output(model, example_inputs, active, aliases, deltas)
             if ref_out is None:
                 checkable = False
-        # ---- write
-        j = Journal(model)
-        try:
-            touched: dict[int, nn.Module] = {}
-            for tid, nt in new_tensors.items():
-                old = tensors[tid]
-                new_obj = nn.Parameter(nt, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else nt
-                for mod, name in aliases[tid]:  # tied tensors stay tied: one new object for every alias
-                    j.set_tensor(mod, name, new_obj)
-                    touched[id(mod)] = mod
-            for mn, b in created.items():
-                mod = model.get_submodule(mn)
-                j.set_tensor(mod, "bias", nn.Parameter(b, requires_grad=mod.weight.requires_grad))
-            for mod in touched.values():
-                _module_fields(j, mod)
-            for u in attr_updates:
-                j.setattr(u.obj, u.name, u.new)
+        with Journal(model) as j:
+            _write(j, model, new_tensors, tensors, aliases, created, attr_updates)
             if cfg.verify:
-                _verify(model, example_inputs, ref_out if checkable else None, attr_updates)
-        except BaseException as e:
-            j.rollback()
-            if isinstance(e, SparsifyError):
-                raise
-            if isinstance(e, Exception):
-                raise ConfigError(
-                    f"the pruned model failed to run ({type(e).__name__}: {e}); the model was restored. It "
-                    "probably stores a size the pass could not find; report the module and attribute."
-                ) from e
-            raise
+                try:
+                    _verify(model, example_inputs, ref_out if checkable else None, attr_updates)
+                except SparsifyError:
+                    raise
+                except Exception as e:
+                    raise ConfigError(
+                        f"the pruned model failed to run ({type(e).__name__}: {e}); the model was restored. It "
+                        "probably stores a size the pass could not find; report the module and attribute."
+                    ) from e
     finally:
         model.train(was_training)
     for p in active:

@@ -675,7 +675,8 @@ def _linear_orientation(module: nn.Module, fqn: str, in_dim: int | None) -> bool
     x = torch.randn(3, n_in, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         try:
-            y = module(x)
+            # forward, not __call__: a user's hook on the layer (which the swap keeps) is not part of its map
+            y = module.forward(x)
         except Exception as exc:
             raise ConfigError(f"{fqn}: cannot run {type(module).__name__} as a linear layer ({exc}).") from exc
         b = getattr(module, "bias", None)

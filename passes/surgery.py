@@ -70,7 +70,7 @@ def split_fqn(fqn: str) -> tuple[str, str]:
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name`` ("" is the model), through the ``_modules`` dicts (no per-call checks, so
     hot paths such as adapter switching can use it). Raises :class:`ConfigError` naming the missing part."""
-    mod = model
+    mod = unwrap(model)
     if not name:
         return mod
     for part in name.split("."):
@@ -172,6 +172,10 @@ CONFLICTS: dict[tuple[Verb, Mark], str] = {
         "the model has N:M/block masks (sparsify): S²FT trains dense blocks, which the masks would cut, and its "
         "analysis does not see through the masked layers. Run s2ft first, then sparsify() the layers it does not "
         "train."
+    ),
+    (Verb.APPLY_ADAPTER, Mark.S2FT): (
+        "apply_adapter needs a plain base model, and this one trains its own S²FT blocks; merge() it first (or "
+        "apply the adapter to a fresh copy of the base)."
     ),
     (Verb.PRUNE, Mark.S2FT): "prune removes units from the weights S²FT is training; merge() the model first.",
     (Verb.PRUNE, Mark.ADAPTER): (

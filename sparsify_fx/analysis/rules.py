@@ -743,7 +743,8 @@ def _sdpa(ctx: RuleContext) -> Value:
 
 # ---------------------------------------------------------------------- layout
 @register(
-    *_packets("view", "reshape", "_unsafe_view", "flatten", "unflatten", "_reshape_alias", "view_copy", "_reshape_copy")
+    *_packets("view", "reshape", "_unsafe_view", "flatten", "unflatten", "_reshape_alias", "view_copy", "_reshape_copy",
+              "view_as", "reshape_as")
 )
 def _reshape(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]

@@ -103,7 +103,7 @@ class TracedGraph:
         return cls(gm, inputs, "aot", num_user_outputs=num_user_outputs)
 
 
-def _alias_key(t: torch.Tensor) -> tuple[int, ...]:
+def alias_key(t: torch.Tensor) -> tuple[int, ...]:
     """What makes two tensors one: the same storage *object* at the same offset, shape and strides.
 
     Not the data address: every meta tensor (and every zero-size one) has ``data_ptr() == 0``, so
@@ -135,7 +135,7 @@ def tied_names(state: Mapping[str, object]) -> list[list[str]]:
     by_alias: dict[tuple[int, ...], list[str]] = {}
     for fqn, t in state.items():
         if isinstance(t, torch.Tensor):
-            by_alias.setdefault(_alias_key(t), []).append(fqn)
+            by_alias.setdefault(alias_key(t), []).append(fqn)
     return [names for names in by_alias.values() if len(names) > 1]
 
 
