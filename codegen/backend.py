@@ -274,7 +274,8 @@ def _kernel_source(op: object) -> tuple[str, str] | None:
 
         opdef = OPDEFS.get(f"{op.namespace}::{op._opname}")  # type: ignore[attr-defined]
         fn = getattr(opdef, "_init_fn", None)
-        path = inspect.getsourcefile(fn) if fn is not None else None
+        # a twin's implementation wraps the kernel module's launch (lowering.register_twin): show the kernel's file
+        path = inspect.getsourcefile(inspect.unwrap(fn)) if fn is not None else None
         if path:
             return Path(path).name, Path(path).read_text()
     except Exception:  # noqa: BLE001 - dumping is best effort

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.oplib import define_op
 
 __all__ = ["block_sparse_linear", "compact_cached", "masked_linear", "masked_linear_reference", "nm_linear",
            "validate"]
@@ -88,16 +89,6 @@ def _apply(weight: Tensor, mask: Tensor) -> Tensor:
     return weight * (mask if mask.dtype == torch.bool else mask.to(weight.dtype))
 
 
-def _forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
-    validate(x, weight, mask, bias)
-    return masked_linear_reference(x, weight, mask, bias)
-
-
-def _fake(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
-    validate(x, weight, mask, bias)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
-
-
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, mask, bias = inputs[:4]
     ctx.save_for_backward(x, weight, mask)
@@ -122,35 +113,10 @@ def _backward(ctx, grad_y: Tensor):
     return (grad_x, grad_w, None, grad_b, *([None] * ctx.n_extra))
 
 
-@torch.library.custom_op("sparsify::masked_linear", mutates_args=())
-def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None,
-                  pruned_grad_scale: float = 0.0) -> Tensor:
-    """``x @ (weight ∘ mask).T + bias`` for any 0/1 mask (bool or the weight's dtype)."""
-    return _forward(x, weight, mask, bias)
-
-
-@masked_linear.register_fake
-def _(x, weight, mask, bias, pruned_grad_scale=0.0):
-    return _fake(x, weight, mask, bias)
-
-
-def _check_nm(weight: Tensor, n: int, m: int) -> None:
+# The three ops share the implementation, fake kernel and autograd; each checks its own pattern arguments.
+def _check_nm(n: int, m: int) -> None:
     if not 0 < n <= m:
         raise ConfigError(f"nm_linear: need 0 < n <= m, got n={n}, m={m}.")
-
-
-@torch.library.custom_op("sparsify::nm_linear", mutates_args=())
-def nm_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, n: int, m: int,
-              pruned_grad_scale: float = 0.0) -> Tensor:
-    """``masked_linear`` whose mask keeps ``n`` of every ``m`` consecutive input columns per output row."""
-    _check_nm(weight, n, m)
-    return _forward(x, weight, mask, bias)
-
-
-@nm_linear.register_fake
-def _(x, weight, mask, bias, n, m, pruned_grad_scale=0.0):
-    _check_nm(weight, n, m)
-    return _fake(x, weight, mask, bias)
 
 
 def _check_block(block_rows: int, block_cols: int) -> None:
@@ -158,20 +124,27 @@ def _check_block(block_rows: int, block_cols: int) -> None:
         raise ConfigError(f"block_sparse_linear: block sizes must be positive, got ({block_rows}, {block_cols}).")
 
 
-@torch.library.custom_op("sparsify::block_sparse_linear", mutates_args=())
-def block_sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, block_rows: int,
-                        block_cols: int, pruned_grad_scale: float = 0.0) -> Tensor:
-    """``masked_linear`` whose mask is a union of whole ``block_rows x block_cols`` tiles."""
-    _check_block(block_rows, block_cols)
-    return _forward(x, weight, mask, bias)
+def _define(name: str, pattern: tuple[str, ...], check: Callable[..., None], doc: str) -> Any:
+    # the dispatcher drops trailing arguments left at their default, so the scale may be missing from `rest`
+    def impl(x, weight, mask, bias, *rest):
+        check(*rest[:len(pattern)])
+        validate(x, weight, mask, bias)
+        return masked_linear_reference(x, weight, mask, bias)
+
+    def fake(x, weight, mask, bias, *rest):
+        check(*rest[:len(pattern)])
+        validate(x, weight, mask, bias)
+        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
+
+    impl.__name__, impl.__doc__ = name, doc
+    args = "".join(f"SymInt {p}, " for p in pattern)
+    schema = f"(Tensor x, Tensor weight, Tensor mask, Tensor? bias, {args}float pruned_grad_scale=0.) -> Tensor"
+    return define_op(name, fake=fake, backward=_backward, setup_context=_setup_context, schema=schema)(impl)
 
 
-@block_sparse_linear.register_fake
-def _(x, weight, mask, bias, block_rows, block_cols, pruned_grad_scale=0.0):
-    _check_block(block_rows, block_cols)
-    return _fake(x, weight, mask, bias)
-
-
-for _op in (masked_linear, nm_linear, block_sparse_linear):
-    _op.register_autograd(_backward, setup_context=_setup_context)
-    _op.register_autocast("cpu", torch.bfloat16)
+masked_linear = _define("masked_linear", (), lambda: None,
+                        "``x @ (weight ∘ mask).T + bias`` for any 0/1 mask (bool or the weight's dtype).")
+nm_linear = _define("nm_linear", ("n", "m"), _check_nm,
+                    "``masked_linear`` whose mask keeps ``n`` of every ``m`` consecutive input columns per output row.")
+block_sparse_linear = _define("block_sparse_linear", ("block_rows", "block_cols"), _check_block,
+                              "``masked_linear`` whose mask is a union of whole ``block_rows x block_cols`` tiles.")

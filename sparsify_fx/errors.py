@@ -19,3 +19,7 @@ class ConfigError(SparsifyError, ValueError):
 
 class AdapterError(SparsifyError):
     """An adapter does not fit the base model, or its file is corrupt."""
+
+
+class KernelError(SparsifyError):
+    """A kernel-backed op breaks the contract of the reference op it stands in for (schema, output shapes/dtypes)."""

@@ -26,16 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.oplib import define_op
 
-__all__ = [
-    "assemble_weight",
-    "s2ft_input_grad",
-    "s2ft_linear",
-    "s2ft_linear_reference",
-    "s2ft_weight_grad",
-    "s2ft_weight_grad_reference",
-    "validate_blocks",
-]
+__all__ = ["assemble_weight", "blocks_in_place", "check_weight_grad_args", "s2ft_input_grad", "s2ft_linear",
+           "s2ft_linear_reference", "s2ft_weight_grad", "s2ft_weight_grad_reference", "validate_blocks",
+           "validate_tensors", "weight_grad_slices"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,8 +76,9 @@ def validate_blocks(weight_shape: Sequence[int], block_shapes: Sequence[Sequence
             )
 
 
-def _validate_tensors(x: Tensor | None, weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor],
-                      dim: int, starts: Sequence[int]) -> None:
+def validate_tensors(x: Tensor | None, weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor],
+                     dim: int, starts: Sequence[int]) -> None:
+    """Checks of ``s2ft_linear``'s arguments (``x``/``bias`` may be None), shared by every implementation."""
     validate_blocks(weight.shape, [b.shape for b in blocks], dim, starts)
     if x is not None and (x.dim() < 1 or x.shape[-1] != weight.shape[1]):
         raise ConfigError(
@@ -97,6 +93,21 @@ def _validate_tensors(x: Tensor | None, weight: Tensor, bias: Tensor | None, blo
                 f"s2ft: block {i} is {b.dtype} on {b.device} but weight is {weight.dtype} on {weight.device}; "
                 f"keep blocks in the weight's dtype and device (autocast casts both together)."
             )
+
+
+def blocks_in_place(weight: Tensor, blocks: Sequence[Tensor], dim: int, starts: Sequence[int]) -> bool:
+    """True when every block is ``weight.narrow(dim, start, k)`` in memory, so ``weight`` already is ``W``.
+
+    Args:
+        weight: the frozen ``[out, in]`` weight.
+        blocks, dim, starts: as for ``s2ft_linear``.
+
+    Example:
+        >>> w = torch.zeros(4, 3)
+        >>> blocks_in_place(w, [w.narrow(0, 1, 2)], 0, [1]), blocks_in_place(w, [w[1:3].clone()], 0, [1])
+        (True, False)
+    """
+    return all(_is_view_in_place(weight, b, dim, s) for b, s in zip(blocks, starts))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,8 +157,8 @@ def assemble_weight(weight: Tensor, blocks: Sequence[Tensor], dim: int, starts: 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _weight_grad_slices(dim: int, starts: Sequence[int], lengths: Sequence[int],
-                        x_is_sliced: bool) -> list[tuple[int, int]]:
+def weight_grad_slices(dim: int, starts: Sequence[int], lengths: Sequence[int],
+                       x_is_sliced: bool) -> list[tuple[int, int]]:
     """(offset, length) of each block along the sliced operand's last dim."""
     if x_is_sliced:
         offsets, pos = [], 0
@@ -158,8 +169,9 @@ def _weight_grad_slices(dim: int, starts: Sequence[int], lengths: Sequence[int],
     return list(zip(starts, lengths))
 
 
-def _check_weight_grad_args(grad_y: Tensor, x: Tensor, dim: int, starts: Sequence[int], lengths: Sequence[int],
-                            x_is_sliced: bool) -> None:
+def check_weight_grad_args(grad_y: Tensor, x: Tensor, dim: int, starts: Sequence[int], lengths: Sequence[int],
+                           x_is_sliced: bool) -> None:
+    """Shape checks of ``s2ft_weight_grad`` (shared by every implementation and the fake kernel)."""
     if dim not in (0, 1):
         raise ConfigError(f"s2ft_weight_grad: dim must be 0 or 1, got {dim}.")
     if len(starts) != len(lengths):
@@ -173,12 +185,20 @@ def _check_weight_grad_args(grad_y: Tensor, x: Tensor, dim: int, starts: Sequenc
             f"s2ft_weight_grad: grad_y {tuple(grad_y.shape)} and x {tuple(x.shape)} must share leading dims."
         )
     limit = grad_y.shape[-1] if dim == 0 else x.shape[-1]
-    for off, n in _weight_grad_slices(dim, starts, lengths, x_is_sliced):
+    for off, n in weight_grad_slices(dim, starts, lengths, x_is_sliced):
         if off < 0 or n < 0 or off + n > limit:
             raise ConfigError(f"s2ft_weight_grad: slice [{off}, {off + n}) out of range for size {limit}.")
 
 
-@torch.library.custom_op("sparsify::s2ft_weight_grad", mutates_args=())
+def _fake_weight_grad(grad_y, x_saved, dim, starts, lengths, x_is_sliced):
+    check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
+    dtype = torch.promote_types(grad_y.dtype, x_saved.dtype)
+    if dim == 0:
+        return [grad_y.new_empty((n, x_saved.shape[-1]), dtype=dtype) for n in lengths]
+    return [grad_y.new_empty((grad_y.shape[-1], n), dtype=dtype) for n in lengths]
+
+
+@define_op("s2ft_weight_grad", fake=_fake_weight_grad, autocast=("cpu", "cuda"))
 def s2ft_weight_grad(grad_y: Tensor, x_saved: Tensor, dim: int, starts: list[int], lengths: list[int],
                      x_is_sliced: bool) -> list[Tensor]:
     """Block gradients of an S²FT linear.
@@ -188,27 +208,17 @@ def s2ft_weight_grad(grad_y: Tensor, x_saved: Tensor, dim: int, starts: list[int
     selected columns packed in block order, so block ``i`` reads columns ``[sum(lengths[:i]), +lengths[i])``;
     ``starts`` then only records where the blocks sit in ``W``.
     """
-    _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
+    check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
     dtype = torch.promote_types(grad_y.dtype, x_saved.dtype)  # what the fake kernel promises
     g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
     x2 = x_saved.reshape(-1, x_saved.shape[-1]).to(dtype)
     out = []
-    for off, n in _weight_grad_slices(dim, starts, lengths, x_is_sliced):
+    for off, n in weight_grad_slices(dim, starts, lengths, x_is_sliced):
         if dim == 0:
             out.append(g2[:, off:off + n].t() @ x2)
         else:
             out.append(g2.t() @ x2[:, off:off + n])
     return out
-
-
-@s2ft_weight_grad.register_fake
-def _fake_weight_grad(grad_y, x_saved, dim, starts, lengths, x_is_sliced):
-    # also the fake kernel of the Triton lowering (codegen/kernels/sliced_wgrad.py): same schema, same outputs
-    _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
-    dtype = torch.promote_types(grad_y.dtype, x_saved.dtype)
-    if dim == 0:
-        return [grad_y.new_empty((n, x_saved.shape[-1]), dtype=dtype) for n in lengths]
-    return [grad_y.new_empty((grad_y.shape[-1], n), dtype=dtype) for n in lengths]
 
 
 def s2ft_weight_grad_reference(grad_y: Tensor, x: Tensor, dim: int, starts: Sequence[int],
@@ -226,18 +236,17 @@ def s2ft_weight_grad_reference(grad_y: Tensor, x: Tensor, dim: int, starts: Sequ
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparsify::s2ft_input_grad", mutates_args=())
-def s2ft_input_grad(grad_y: Tensor, weight: Tensor, blocks: list[Tensor], dim: int, starts: list[int]) -> Tensor:
-    """``grad_y @ W`` with ``W`` assembled as in :func:`s2ft_linear` (zero-copy when blocks are views in place)."""
-    _validate_tensors(None, weight, None, blocks, dim, starts)
-    return torch.matmul(grad_y, assemble_weight(weight, blocks, dim, starts))
-
-
-@s2ft_input_grad.register_fake
-def _(grad_y, weight, blocks, dim, starts):
-    _validate_tensors(None, weight, None, blocks, dim, starts)
+def _fake_input_grad(grad_y, weight, blocks, dim, starts):
+    validate_tensors(None, weight, None, blocks, dim, starts)
     dtype = torch.promote_types(grad_y.dtype, weight.dtype)
     return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]), dtype=dtype)
+
+
+@define_op("s2ft_input_grad", fake=_fake_input_grad, autocast=("cpu", "cuda"))
+def s2ft_input_grad(grad_y: Tensor, weight: Tensor, blocks: list[Tensor], dim: int, starts: list[int]) -> Tensor:
+    """``grad_y @ W`` with ``W`` assembled as in :func:`s2ft_linear` (zero-copy when blocks are views in place)."""
+    validate_tensors(None, weight, None, blocks, dim, starts)
+    return torch.matmul(grad_y, assemble_weight(weight, blocks, dim, starts))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,20 +254,8 @@ def _(grad_y, weight, blocks, dim, starts):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparsify::s2ft_linear", mutates_args=())
-def s2ft_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor], dim: int,
-                starts: list[int]) -> Tensor:
-    """``y = x @ W.T (+ bias)`` with ``W`` = ``weight`` whose ``narrow(dim, starts[i], k_i)`` is ``blocks[i]``.
-
-    Gradients flow to ``x`` and ``blocks`` only; ``weight`` and ``bias`` are frozen (their grads are ``None``).
-    """
-    _validate_tensors(x, weight, bias, blocks, dim, starts)
-    return F.linear(x, assemble_weight(weight, blocks, dim, starts), bias)
-
-
-@s2ft_linear.register_fake
-def _(x, weight, bias, blocks, dim, starts):
-    _validate_tensors(x, weight, bias, blocks, dim, starts)
+def _fake_linear(x, weight, bias, blocks, dim, starts):
+    validate_tensors(x, weight, bias, blocks, dim, starts)
     dtype = torch.promote_types(x.dtype, weight.dtype)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
 
@@ -307,14 +304,18 @@ def _backward(ctx, grad_y: Tensor):
     return grad_x, None, None, grad_blocks, None, [] if not ctx.starts else None
 
 
-s2ft_linear.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast the op runs in bf16 like aten.linear does (x, weight, bias and blocks are cast together, which
+# keeps the dtype check above satisfied).
+@define_op("s2ft_linear", fake=_fake_linear, backward=_backward, setup_context=_setup_context,
+           autocast=("cpu", "cuda"))
+def s2ft_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor], dim: int,
+                starts: list[int]) -> Tensor:
+    """``y = x @ W.T (+ bias)`` with ``W`` = ``weight`` whose ``narrow(dim, starts[i], k_i)`` is ``blocks[i]``.
 
-# Under CPU autocast the op runs in bf16 like aten.linear does (x, weight, bias and blocks are cast together,
-# which keeps the dtype check above satisfied).
-for _op in (s2ft_linear, s2ft_input_grad, s2ft_weight_grad):
-    _op.register_autocast("cpu", torch.bfloat16)
-    if torch.amp.is_autocast_available("cuda"):
-        _op.register_autocast("cuda", torch.bfloat16)
+    Gradients flow to ``x`` and ``blocks`` only; ``weight`` and ``bias`` are frozen (their grads are ``None``).
+    """
+    validate_tensors(x, weight, bias, blocks, dim, starts)
+    return F.linear(x, assemble_weight(weight, blocks, dim, starts), bias)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ for _op in (s2ft_linear, s2ft_input_grad, s2ft_weight_grad):
 def s2ft_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], dim: int,
                           starts: Sequence[int]) -> Tensor:
     """Plain-PyTorch, differentiable S²FT linear: assemble ``W`` with ``torch.cat``, then ``F.linear``."""
-    _validate_tensors(x, weight, bias, blocks, dim, starts)
+    validate_tensors(x, weight, bias, blocks, dim, starts)
     pieces: list[Tensor] = []
     pos = 0
     for start, block in sorted(zip(starts, blocks), key=lambda p: p[0]):

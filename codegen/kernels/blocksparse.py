@@ -21,23 +21,17 @@ Imports without triton (``HAS_TRITON`` False; the launcher then raises). Importi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from sparsify_fx.codegen.lowering import register_lowering
+from sparsify_fx.codegen.lowering import import_triton, register_twin, require_triton
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.nm import from_bsr, to_bsr
-from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, compact_cached, validate
+from sparsify_fx.passes.nm_ops import compact_cached, validate
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
+triton, tl = import_triton()
+HAS_TRITON = triton is not None
 
 __all__ = ["HAS_TRITON", "block_sparse_linear_triton", "blocksparse_matmul", "blocksparse_matmul_reference"]
 
@@ -113,14 +107,8 @@ def blocksparse_matmul_reference(x: Tensor, values: Tensor, crow: Tensor, col: T
 def blocksparse_matmul(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, shape: tuple[int, int],
                        bias: Tensor | None = None) -> Tensor:
     """``x [..., in] @ W.T + b`` for a BSR weight of dense ``shape = (out, in)``; ``y`` in ``x``'s dtype."""
-    if not HAS_TRITON:
-        raise ConfigError("blocksparse_matmul needs triton; install sparsify-fx[triton] or use kernels='aten'.")
+    require_triton("blocksparse_matmul", HAS_TRITON, x.device)
     br, bc = _check(x, values, crow, col, shape, bias)
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ConfigError(
-            "blocksparse_matmul got CPU tensors but triton is not in interpreter mode; set TRITON_INTERPRET=1 "
-            "before importing triton, move the tensors to a GPU, or use kernels='aten'."
-        )
     out, in_ = shape
     x2 = x.reshape(-1, in_)
     T = x2.shape[0]
@@ -140,9 +128,8 @@ def blocksparse_matmul(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, sha
     return y.reshape(*x.shape[:-1], out)
 
 
-@torch.library.custom_op("sparsify::block_sparse_linear_triton", mutates_args=())
-def block_sparse_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, block_rows: int,
-                               block_cols: int, pruned_grad_scale: float = 0.0) -> Tensor:
+def _block_sparse_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, block_rows: int,
+                                block_cols: int, pruned_grad_scale: float = 0.0) -> Tensor:
     """Triton twin of ``sparsify::block_sparse_linear``: BSR of ``weight ∘ mask`` (cached until either changes),
     then :func:`blocksparse_matmul`."""
     validate(x, weight, mask, bias)
@@ -155,14 +142,5 @@ def block_sparse_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Te
     return blocksparse_matmul(x, values, crow, col, tuple(weight.shape), bias)
 
 
-@block_sparse_linear_triton.register_fake
-def _(x, weight, mask, bias, block_rows, block_cols, pruned_grad_scale=0.0):
-    return _fake(x, weight, mask, bias)
-
-
-block_sparse_linear_triton.register_autograd(_backward, setup_context=_setup_context)
-block_sparse_linear_triton.register_autocast("cpu", torch.bfloat16)
-
-if HAS_TRITON:
-    register_lowering(torch.ops.sparsify.block_sparse_linear.default, "triton",
-                      torch.ops.sparsify.block_sparse_linear_triton.default)
+block_sparse_linear_triton = register_twin(torch.ops.sparsify.block_sparse_linear, "block_sparse_linear_triton",
+                                           _block_sparse_linear_triton, lower=HAS_TRITON)

@@ -24,23 +24,15 @@ Imports without triton (``HAS_TRITON`` False; the launcher then raises). Importi
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from sparsify_fx.codegen.lowering import register_lowering
+from sparsify_fx.codegen.lowering import import_triton, register_twin, require_triton
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.ops import _backward as _s2ft_linear_backward
-from sparsify_fx.ops import _is_view_in_place, _setup_context, _validate_tensors
+from sparsify_fx.ops import blocks_in_place, validate_tensors
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
+triton, tl = import_triton()
+HAS_TRITON = triton is not None
 
 __all__ = ["HAS_TRITON", "delta_gemm", "delta_gemm_reference", "index_map"]
 
@@ -177,16 +169,10 @@ def delta_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None, rows: Tens
     one of rows/cols then). Any strides for ``weight`` and the deltas (e.g. ``W.t()``); ``tf32`` as in
     :func:`~sparsify_fx.codegen.kernels.sliced_wgrad.sliced_wgrad`.
     """
-    if not HAS_TRITON:
-        raise ConfigError("delta_gemm needs triton; install sparsify-fx[triton] or use kernels='aten'.")
+    require_triton("delta_gemm", HAS_TRITON, x.device)
     _check(x, weight, bias, rows, row_delta, cols, col_delta)
     if replace and rows is not None and cols is not None:
         raise ConfigError("delta_gemm: replace=True takes rows or cols, not both (their overlap would be ambiguous).")
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ConfigError(
-            "delta_gemm got CPU tensors but triton is not in interpreter mode; set TRITON_INTERPRET=1 before "
-            "importing triton, move the tensors to a GPU, or use kernels='aten'."
-        )
     out, in_ = weight.shape
     x2 = x.reshape(-1, in_)
     T = x2.shape[0]
@@ -223,68 +209,37 @@ def delta_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None, rows: Tens
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_replacement(weight: Tensor, blocks: list[Tensor], dim: int, starts: list[int]) -> tuple[Tensor, Tensor] | None:
-    """(indices, stacked blocks) along ``dim``, or None when the blocks already sit in ``weight`` (zero-copy)."""
-    if all(_is_view_in_place(weight, b, dim, s) for b, s in zip(blocks, starts)):
-        return None
+def _replaced_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor], dim: int,
+                   starts: list[int]) -> Tensor:
+    """``x @ W.T (+ bias)`` in one launch, ``W`` being ``weight`` with the blocks read in place of its rows/columns."""
+    if blocks_in_place(weight, blocks, dim, starts):
+        return delta_gemm(x, weight, bias)
     idx = torch.cat([torch.arange(s, s + b.size(dim), device=weight.device) for b, s in zip(blocks, starts)])
     # one block: its own strides, no copy; several: one small copy of the trained units
     stacked = blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=dim)
-    return idx, stacked
-
-
-@torch.library.custom_op("sparsify::s2ft_linear_triton", mutates_args=())
-def s2ft_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor], dim: int,
-                       starts: list[int]) -> Tensor:
-    """Triton twin of ``sparsify::s2ft_linear``: one GEMM launch, blocks read in place of their rows/columns."""
-    _validate_tensors(x, weight, bias, blocks, dim, starts)
-    rep = _as_replacement(weight, blocks, dim, starts)
-    if rep is None:
-        return delta_gemm(x, weight, bias)
-    idx, stacked = rep
     if dim == 0:
         return delta_gemm(x, weight, bias, rows=idx, row_delta=stacked, replace=True)
     return delta_gemm(x, weight, bias, cols=idx, col_delta=stacked, replace=True)
 
 
-@s2ft_linear_triton.register_fake
-def _(x, weight, bias, blocks, dim, starts):
-    _validate_tensors(x, weight, bias, blocks, dim, starts)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.promote_types(x.dtype, weight.dtype))
+def _s2ft_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Tensor], dim: int,
+                        starts: list[int]) -> Tensor:
+    """Triton twin of ``sparsify::s2ft_linear``: one GEMM launch, blocks read in place of their rows/columns."""
+    validate_tensors(x, weight, bias, blocks, dim, starts)
+    return _replaced_gemm(x, weight, bias, blocks, dim, starts)
 
 
-# Same autograd as the aten op, so the twin also works eagerly (the backend swaps it in after AOT has split
-# forward and backward, where no autograd is needed).
-s2ft_linear_triton.register_autograd(_s2ft_linear_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("sparsify::s2ft_input_grad_triton", mutates_args=())
-def s2ft_input_grad_triton(grad_y: Tensor, weight: Tensor, blocks: list[Tensor], dim: int,
-                           starts: list[int]) -> Tensor:
-    """Triton twin of ``sparsify::s2ft_input_grad``: ``grad_y @ W`` as ``delta_gemm`` on ``W.T`` (a strided view),
+def _s2ft_input_grad_triton(grad_y: Tensor, weight: Tensor, blocks: list[Tensor], dim: int,
+                            starts: list[int]) -> Tensor:
+    """Triton twin of ``sparsify::s2ft_input_grad``: ``grad_y @ W`` is the same GEMM on ``W.T`` (a strided view),
     where row blocks of ``W`` become replaced columns of ``W.T`` and vice versa."""
-    _validate_tensors(None, weight, None, blocks, dim, starts)
-    wt = weight.t()
-    rep = _as_replacement(weight, blocks, dim, starts)
-    if rep is None:
-        return delta_gemm(grad_y, wt)
-    idx, stacked = rep
-    if dim == 0:
-        return delta_gemm(grad_y, wt, cols=idx, col_delta=stacked.t(), replace=True)
-    return delta_gemm(grad_y, wt, rows=idx, row_delta=stacked.t(), replace=True)
+    validate_tensors(None, weight, None, blocks, dim, starts)
+    return _replaced_gemm(grad_y, weight.t(), None, [b.t() for b in blocks], 1 - dim, starts)
 
 
-@s2ft_input_grad_triton.register_fake
-def _(grad_y, weight, blocks, dim, starts):
-    _validate_tensors(None, weight, None, blocks, dim, starts)
-    dtype = torch.promote_types(grad_y.dtype, weight.dtype)
-    return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]), dtype=dtype)
-
-
-for _op in (s2ft_linear_triton, s2ft_input_grad_triton):
-    _op.register_autocast("cpu", torch.bfloat16)
-
-if HAS_TRITON:
-    register_lowering(torch.ops.sparsify.s2ft_linear.default, "triton", torch.ops.sparsify.s2ft_linear_triton.default)
-    register_lowering(torch.ops.sparsify.s2ft_input_grad.default, "triton",
-                      torch.ops.sparsify.s2ft_input_grad_triton.default)
+# The twins share the aten ops' autograd, so they also work eagerly (the backend swaps them in after AOT has split
+# forward and backward, where no autograd is needed).
+s2ft_linear_triton = register_twin(torch.ops.sparsify.s2ft_linear, "s2ft_linear_triton", _s2ft_linear_triton,
+                                   lower=HAS_TRITON)
+s2ft_input_grad_triton = register_twin(torch.ops.sparsify.s2ft_input_grad, "s2ft_input_grad_triton",
+                                       _s2ft_input_grad_triton, lower=HAS_TRITON)

@@ -25,23 +25,17 @@ Imports without triton (``HAS_TRITON`` False; the launcher then raises). Importi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from sparsify_fx.codegen.lowering import register_lowering
+from sparsify_fx.codegen.lowering import import_triton, register_twin, require_triton
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.nm import compress_nm, decompress_nm, pack_positions, unpack_positions
-from sparsify_fx.passes.nm_ops import _backward, _fake, _setup_context, compact_cached, validate
+from sparsify_fx.passes.nm_ops import compact_cached, validate
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
+triton, tl = import_triton()
+HAS_TRITON = triton is not None
 
 __all__ = ["HAS_TRITON", "nm_linear_triton", "nm_matmul", "nm_matmul_reference"]
 
@@ -125,14 +119,8 @@ def nm_matmul_reference(x: Tensor, values: Tensor, positions: Tensor, n: int, m:
 def nm_matmul(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_features: int,
               bias: Tensor | None = None, *, packed: bool = False) -> Tensor:
     """``x [..., in] @ W.T + b`` with ``W`` given compactly (see the module docstring); ``y`` in ``x``'s dtype."""
-    if not HAS_TRITON:
-        raise ConfigError("nm_matmul needs triton; install sparsify-fx[triton] or use kernels='aten'.")
+    require_triton("nm_matmul", HAS_TRITON, x.device)
     _check(x, values, positions, n, m, in_features, bias, packed)
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ConfigError(
-            "nm_matmul got CPU tensors but triton is not in interpreter mode; set TRITON_INTERPRET=1 before "
-            "importing triton, move the tensors to a GPU, or use kernels='aten'."
-        )
     out = values.shape[0]
     x2 = x.reshape(-1, in_features)
     T = x2.shape[0]
@@ -153,9 +141,8 @@ def nm_matmul(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, in_f
     return y.reshape(*x.shape[:-1], out)
 
 
-@torch.library.custom_op("sparsify::nm_linear_triton", mutates_args=())
-def nm_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, n: int, m: int,
-                     pruned_grad_scale: float = 0.0) -> Tensor:
+def _nm_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, n: int, m: int,
+                      pruned_grad_scale: float = 0.0) -> Tensor:
     """Triton twin of ``sparsify::nm_linear``: compress ``weight ∘ mask`` (cached until either changes), then
     :func:`nm_matmul`."""
     validate(x, weight, mask, bias)
@@ -168,13 +155,4 @@ def nm_linear_triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | Non
     return nm_matmul(x, values, positions, n, m, weight.shape[1], bias, packed=m <= 16)
 
 
-@nm_linear_triton.register_fake
-def _(x, weight, mask, bias, n, m, pruned_grad_scale=0.0):
-    return _fake(x, weight, mask, bias)
-
-
-nm_linear_triton.register_autograd(_backward, setup_context=_setup_context)
-nm_linear_triton.register_autocast("cpu", torch.bfloat16)
-
-if HAS_TRITON:
-    register_lowering(torch.ops.sparsify.nm_linear.default, "triton", torch.ops.sparsify.nm_linear_triton.default)
+nm_linear_triton = register_twin(torch.ops.sparsify.nm_linear, "nm_linear_triton", _nm_linear_triton, lower=HAS_TRITON)

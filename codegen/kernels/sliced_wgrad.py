@@ -23,36 +23,20 @@ this module. Importing it registers ``sparsify::s2ft_weight_grad_triton`` as the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sparsify_fx.codegen.lowering import register_lowering
+from sparsify_fx.codegen.lowering import import_triton, register_twin, require_triton
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.ops import (  # also defines the sparsify ops
-    _check_weight_grad_args,
-    _fake_weight_grad,
-    _weight_grad_slices,
-)
+from sparsify_fx.ops import check_weight_grad_args, weight_grad_slices  # also defines the sparsify ops
 
-try:
-    import triton
-    import triton.language as tl
+triton, tl = import_triton()
+HAS_TRITON = triton is not None
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
-
-__all__ = [
-    "HAS_TRITON",
-    "AdamWUpdate",
-    "SGDUpdate",
-    "sliced_wgrad",
-    "sliced_wgrad_reference",
-]
+__all__ = ["HAS_TRITON", "AdamWUpdate", "SGDUpdate", "sliced_wgrad", "sliced_wgrad_reference"]
 
 
 @dataclass
@@ -234,14 +218,8 @@ def sliced_wgrad(grad_y: Tensor, x: Tensor, dim: int, start: int, length: int, *
     view into the frozen ``W``) and the optimizer state in place and returns ``None``. ``tf32`` lets fp32 inputs use
     TF32 tensor cores on GPU (faster, ~1e-3 relative error); off by default so fp32 stays fp32.
     """
-    if not HAS_TRITON:
-        raise ConfigError("sliced_wgrad needs triton; install sparsify-fx[triton] or use kernels='aten'.")
+    require_triton("sliced_wgrad", HAS_TRITON, grad_y.device)
     a, b = _operands(grad_y, x, dim, start, length)
-    if a.device.type == "cpu" and not _interpreting():
-        raise ConfigError(
-            "sliced_wgrad got CPU tensors but triton is not in interpreter mode; set TRITON_INTERPRET=1 before "
-            "importing triton, move the tensors to a GPU, or use kernels='aten'."
-        )
     T, M = a.shape
     N = b.shape[1]
     in_dtype = torch.promote_types(a.dtype, b.dtype)
@@ -299,27 +277,18 @@ def sliced_wgrad(grad_y: Tensor, x: Tensor, dim: int, start: int, length: int, *
     return result
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the custom op the compile backend swaps in for sparsify::s2ft_weight_grad
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparsify::s2ft_weight_grad_triton", mutates_args=())
-def s2ft_weight_grad_triton(grad_y: Tensor, x_saved: Tensor, dim: int, starts: list[int], lengths: list[int],
-                            x_is_sliced: bool) -> list[Tensor]:
+def _s2ft_weight_grad_triton(grad_y: Tensor, x_saved: Tensor, dim: int, starts: list[int], lengths: list[int],
+                             x_is_sliced: bool) -> list[Tensor]:
     """Triton twin of ``sparsify::s2ft_weight_grad`` (same schema and result), one kernel launch per block."""
-    _check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
+    check_weight_grad_args(grad_y, x_saved, dim, starts, lengths, x_is_sliced)
     return [sliced_wgrad(grad_y, x_saved, dim, off, n)
-            for off, n in _weight_grad_slices(dim, starts, lengths, x_is_sliced)]
+            for off, n in weight_grad_slices(dim, starts, lengths, x_is_sliced)]
 
 
-s2ft_weight_grad_triton.register_fake(_fake_weight_grad)
-s2ft_weight_grad_triton.register_autocast("cpu", torch.bfloat16)
-
-if HAS_TRITON:
-    register_lowering(torch.ops.sparsify.s2ft_weight_grad.default, "triton",
-                      torch.ops.sparsify.s2ft_weight_grad_triton.default)
+s2ft_weight_grad_triton = register_twin(torch.ops.sparsify.s2ft_weight_grad, "s2ft_weight_grad_triton",
+                                        _s2ft_weight_grad_triton, lower=HAS_TRITON)
