@@ -32,7 +32,7 @@ from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
 from sparsify_fx.passes._batch import calibrate
-from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
+from sparsify_fx.passes.surgery import Journal, Verb, require_composable, require_values, unwrap
 
 __all__ = [
     "BlockConfig",
@@ -463,6 +463,7 @@ def sparsify(model: nn.Module, config: NMConfig | BlockConfig) -> nn.Module:
     _check_config(config)
     wrapper, model = model, unwrap(model)
     require_composable(model, Verb.SPARSIFY)
+    require_values(model, "sparsify", "masks keep the largest weights")
     layers = _selected(model, config)
     if not layers:
         raise ConfigError(

@@ -36,7 +36,7 @@ from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
 from sparsify_fx.passes._batch import batch_loss, calibrate, run_batch
 from sparsify_fx.passes.hf import warn_if_not_pretrained
-from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
+from sparsify_fx.passes.surgery import Journal, Verb, require_composable, require_values, unwrap
 
 log = logging.getLogger("sparsify_fx")
 
@@ -673,6 +673,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     cfg.validate()
     wrapper, model = model, unwrap(model)
     require_composable(model, Verb.PRUNE)
+    require_values(model, "prune", "it scores units and checks the pruned model's outputs")
     # read once: a generator would be spent by the first of taylor scoring and the statistics pass
     calibration = list(cfg.calibration) if cfg.calibration is not None else None
     uses_data = cfg.score in ("activation", "taylor") or cfg.bias_compensation

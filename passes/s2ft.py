@@ -31,7 +31,7 @@ from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes._batch import batch_loss, calibrate
 from sparsify_fx.passes.copermute import permute
 from sparsify_fx.passes.hf import drop_checkpointing_grads, keep_checkpointing_grads
-from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, unwrap
+from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, require_values, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
 log = logging.getLogger("sparsify_fx")
@@ -794,6 +794,9 @@ def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None
     cfg.validate()
     target = unwrap(model)
     require_composable(target, Verb.S2FT)
+    if cfg.strategy != "random":
+        require_values(target, f"S²FT strategy={cfg.strategy!r}", "it ranks units by weights, activations or "
+                       "gradients; strategy='random' plans on the meta device")
     report = analyze(target, example_inputs)
     units = _plan(report, target, cfg)
     scores = _score(target, units, cfg)

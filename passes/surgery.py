@@ -101,6 +101,20 @@ def get_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
     return t
 
 
+def require_values(model: nn.Module, what: str, why: str) -> None:
+    """Raise :class:`ConfigError` if ``model`` has parameters on the meta device (shapes without values).
+
+    Analysis and the S²FT plan work on a meta model; anything that reads weight values does not.
+    """
+    meta = [n for n, p in unwrap(model).named_parameters() if p.is_meta]
+    if meta:
+        raise ConfigError(
+            f"{what} reads weight values ({why}), but {len(meta)} parameter(s) of this model are on the meta device "
+            f"(e.g. {meta[0]}). Materialise and load the weights first: model.to_empty(device='cpu') then "
+            "load_state_dict(...) (or from_pretrained)."
+        )
+
+
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, child = split_fqn(name)
     return get_module(model, parent_name), child

@@ -186,3 +186,47 @@ def test_orientation_on_meta_custom_modules() -> None:
     assert _linear_orientation(square, "sq.weight", 0) is True
     with pytest.raises(ConfigError, match="plain linear map"):
         _linear_orientation(pool, "pool.weight", 0)
+
+
+@pytest.mark.parametrize("run", [
+    lambda m: sparsify_fx.s2ft(m, (IDS,), sparsify_fx.S2FTConfig(strategy="magnitude", progress=False)),
+    lambda m: sparsify_fx.prune(m, (IDS,), sparsify_fx.PruneConfig(ratio=0.25, progress=False)),
+    lambda m: sparsify_fx.sparsify(m, sparsify_fx.NMConfig(n=2, m=4, progress=False)),
+], ids=["s2ft-magnitude", "prune", "sparsify"])
+def test_passes_that_read_values_refuse_a_meta_model_with_the_fix(run) -> None:
+    """Ranking by magnitude on meta would rank nothing (and prune's copy raised a raw NotImplementedError)."""
+    _, meta = _pair("llama")
+    before = {n: (type(m), m.training) for n, m in meta.named_modules()}
+    with pytest.raises(ConfigError, match=r"meta device .*to_empty\(device='cpu'\)"):
+        run(meta)
+    assert {n: (type(m), m.training) for n, m in meta.named_modules()} == before
+    assert not any(p.requires_grad is False for p in meta.parameters())
+
+
+def test_meta_model_transformed_then_materialised_and_loaded_trains_like_cpu() -> None:
+    """The large-model flow's first steps: plan on meta, materialise, load real weights, train; the result equals
+    the same S²FT run on CPU (same seed, same plan)."""
+    cpu, meta = _pair("llama")
+    cfg = sparsify_fx.S2FTConfig(attention_ratio=0.5, ffn_ratio=0.25, progress=False)
+    sparsify_fx.s2ft(meta, (IDS,), cfg)
+    state = {k: v.clone() for k, v in cpu.state_dict().items()}
+    sparsify_fx.s2ft(cpu, (IDS,), cfg)
+    # the CPU base's weights, co-permuted the way the plan says: load them from the transformed CPU model
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(cpu.state_dict())
+    # non-persistent buffers (RoPE's inv_freq) are in no checkpoint: after to_empty they must be recomputed
+    with torch.no_grad():
+        for (name, b), (_, ref) in zip(meta.named_buffers(), cpu.named_buffers()):
+            if name.endswith("inv_freq"):
+                b.copy_(ref)
+    with torch.no_grad():
+        assert torch.equal(meta(IDS).logits, cpu(IDS).logits)
+    for model in (cpu, meta):
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert torch.equal(meta(IDS).logits, cpu(IDS).logits)
+    merged = sparsify_fx.merge(meta)
+    assert set(merged.state_dict()) == set(state)
