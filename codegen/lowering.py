@@ -71,20 +71,16 @@ def require_triton(kernel: str, has_triton: bool, device: torch.device) -> None:
         )
 
 
-# A twin compares its outputs with the reference's fake kernel once per new input signature (shapes, dtypes and
-# non-tensor arguments), for this many signatures; later ones run unchecked, so a varying sequence length costs
-# nothing after warm-up.
+# Input signatures (shapes, dtypes, other arguments) a twin checks; later ones run unchecked, so varying sequence
+# lengths stop costing anything after warm-up.
 _MAX_CHECKED_SIGNATURES = 256
 
 
 def register_twin(reference: object, name: str, impl: Callable[..., Any], *, family: str = "triton",
                   lower: bool = True) -> CustomOpDef:
-    """Register ``sparsify::<name>``, computed by ``impl``, with ``reference``'s whole contract, and lower to it.
-
-    The twin gets the reference's schema, fake kernel, autograd formula and autocast policy, so a kernel module states
-    only its kernel and its launch, and the two cannot drift apart. ``impl`` takes the schema's arguments by the
-    same names; the first call with each new input signature compares ``impl``'s outputs with what the reference's
-    fake kernel promises and raises :class:`~sparsify_fx.errors.KernelError` on any shape or dtype difference.
+    """Register ``sparsify::<name>``, computed by ``impl``, with ``reference``'s schema, fake kernel, autograd and
+    autocast, and lower ``reference`` to it. The first call per input signature checks ``impl``'s outputs against the
+    fake kernel: :class:`~sparsify_fx.errors.KernelError` on any shape or dtype difference.
 
     Args:
         reference: the reference op, e.g. ``torch.ops.sparsify.nm_linear`` (packet, overload or ``CustomOpDef``).

@@ -54,10 +54,8 @@ def define_op(name: str, *, fake: Callable[..., Any], backward: Callable[..., An
 
     Args:
         name: op name inside the ``sparsify`` namespace.
-        fake: the fake kernel: outputs of the right shapes and dtypes from input metadata, and the same shape checks
-            as the implementation, so tracing fails with the same message.
-        backward: autograd formula, as for ``torch.library.register_autograd``; ``None`` for an op that is only
-            called inside another op's backward.
+        fake: outputs of the right shapes and dtypes from input metadata, after the implementation's checks.
+        backward: autograd formula, as for ``torch.library.register_autograd``; ``None`` for backward-only ops.
         setup_context: what the forward saves for ``backward``.
         autocast: device types whose autocast runs the op in bf16, inputs cast together (as for aten.linear);
             devices this build has no autocast for are skipped.
