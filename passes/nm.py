@@ -32,6 +32,7 @@ from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
 from sparsify_fx.passes._batch import calibrate
+from sparsify_fx.passes.layers import Conv1DType, LinearType, layer_type, register_layer
 from sparsify_fx.passes.surgery import Journal, Verb, require_composable, require_values, unwrap
 
 __all__ = [
@@ -358,24 +359,34 @@ class MaskedConv1D(_MaskedMixin, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._pattern_repr()}"
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
-    # duck-typed so transformers is never imported here
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+# masked layers keep their type's dims and size fields, but their map is x @ (W ∘ M).T: not a target for a new mask
+@register_layer(MaskedLinear)
+class _MaskedLinearType(LinearType):
+    is_linear = False
+
+
+@register_layer(MaskedConv1D)
+class _MaskedConv1DType(Conv1DType):
+    is_linear = False
 
 
 def _is_target(mod: nn.Module) -> bool:
-    return (isinstance(mod, nn.Linear) or _is_conv1d(mod)) and not isinstance(mod, _MaskedMixin)
+    lt = layer_type(mod)
+    return lt is not None and lt.is_linear
 
 
 def _weight_oi(mod: nn.Module) -> Tensor:
-    """The weight as ``[out, in]`` (a view for Conv1D)."""
-    if isinstance(mod, _MaskedMixin):
-        return mod.weight_oi()
-    return mod.weight.t() if _is_conv1d(mod) else mod.weight
+    """The weight as ``[out, in]`` (a view for Conv1D), for targets and masked layers."""
+    lt = layer_type(mod)
+    w = lt.weight_oi(mod) if lt is not None else None
+    if w is None:
+        raise ConfigError(f"sparsify: {type(mod).__name__} has no [out, in] weight; register its layer type.")
+    return w
 
 
 def _wrap(mod: nn.Module, mask_oi: Tensor, pattern: tuple[str, int, int], **pgf: Any) -> nn.Module:
-    cls = MaskedConv1D if _is_conv1d(mod) else MaskedLinear
+    # a weight stored [in, out] keeps that layout in the masked layer
+    cls = MaskedConv1D if layer_type(mod).in_dim(mod) == 0 else MaskedLinear  # type: ignore[union-attr]
     new = cls(mod, mask_oi, pattern, **pgf)
     new.train(mod.training)
     return new

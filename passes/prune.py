@@ -36,7 +36,10 @@ from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
 from sparsify_fx.passes._batch import batch_loss, calibrate, run_batch
 from sparsify_fx.passes.hf import warn_if_not_pretrained
+from sparsify_fx.passes.layers import layer_type
 from sparsify_fx.passes.surgery import Journal, Verb, require_composable, require_values, unwrap
+from sparsify_fx.passes.surgery import get_tensor as _get
+from sparsify_fx.passes.surgery import split_fqn as _split
 
 log = logging.getLogger("sparsify_fx")
 
@@ -142,20 +145,6 @@ class PruneConfig:
 
 
 # ---------------------------------------------------------------------- helpers
-def _split(fqn: str) -> tuple[str, str]:
-    mod, _, attr = fqn.rpartition(".")
-    return mod, attr
-
-
-def _get(model: nn.Module, fqn: str) -> torch.Tensor:
-    mod_name, attr = _split(fqn)
-    mod = model.get_submodule(mod_name) if mod_name else model
-    t = getattr(mod, attr, None)
-    if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"group member {fqn!r} is not a tensor of this model; was the report made on another model?")
-    return t
-
-
 def _unit_index(m: Member, units: int) -> torch.Tensor:
     """[units, k]: the indices along ``m.dim`` that belong to each unit."""
     cols = []
@@ -187,26 +176,16 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 def _contracted_axis(mod: nn.Module, attr: str, dim: int) -> int | None:
     """Axis of the module's input that weight dim ``dim`` contracts, or None if unknown."""
-    if attr != "weight":
+    lt = layer_type(mod)
+    if attr != "weight" or lt is None or lt.in_dim(mod) != dim:
         return None
-    if isinstance(mod, nn.Linear) and dim == 1:
-        return -1
-    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and mod.groups == 1 and dim == 1:
-        return 1
-    if hasattr(mod, "nf") and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2 and dim == 0:
-        return -1  # transformers Conv1D: weight [in, out]
-    return None
+    return lt.input_axis(mod)
 
 
 def _out_dim(mod: nn.Module) -> int | None:
-    """Weight dim that indexes the module's outputs (bias entries)."""
-    if isinstance(mod, nn.Linear):
-        return 0
-    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
-        return 0
-    if hasattr(mod, "nf"):
-        return 1
-    return None
+    """Weight dim that indexes the module's outputs (bias entries), for the consumers ``_contracted_axis`` found."""
+    lt = layer_type(mod)
+    return lt.out_dim(mod) if lt is not None else None
 
 
 # ---------------------------------------------------------------------- plan
@@ -601,31 +580,9 @@ def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingRep
 # ---------------------------------------------------------------------- journaled writes
 def _module_fields(j: Journal, mod: nn.Module) -> None:
     """Keep the size fields of standard module types in step with their new weights."""
-    w = mod._parameters.get("weight")
-    if isinstance(mod, nn.Linear) and w is not None:
-        j.setattr(mod, "out_features", w.shape[0])
-        j.setattr(mod, "in_features", w.shape[1])
-    elif isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
-        a, b = (w.shape[1], w.shape[0]) if mod.transposed else (w.shape[0], w.shape[1])
-        if mod.groups > 1 and b == 1 and not mod.transposed:  # depthwise: groups follow the channels
-            j.setattr(mod, "groups", a)
-        j.setattr(mod, "out_channels", a if not mod.transposed else a * mod.groups)
-        j.setattr(mod, "in_channels", b * mod.groups if not mod.transposed else w.shape[0])
-    elif isinstance(mod, nn.modules.batchnorm._NormBase):
-        ref = w if w is not None else mod._buffers.get("running_mean")
-        if ref is not None:
-            j.setattr(mod, "num_features", ref.shape[0])
-    elif isinstance(mod, nn.GroupNorm) and w is not None:
-        j.setattr(mod, "num_channels", w.shape[0])
-    elif isinstance(mod, nn.Embedding) and w is not None:
-        j.setattr(mod, "num_embeddings", w.shape[0])
-        j.setattr(mod, "embedding_dim", w.shape[1])
-    elif hasattr(mod, "nf") and w is not None and w.dim() == 2:
-        j.setattr(mod, "nf", w.shape[1])
-        if hasattr(mod, "nx"):
-            j.setattr(mod, "nx", w.shape[0])
-    if w is not None and isinstance(getattr(mod, "normalized_shape", None), tuple):
-        j.setattr(mod, "normalized_shape", tuple(w.shape[-len(mod.normalized_shape):]))
+    lt = layer_type(mod)
+    for name, value in lt.size_fields(mod, mod._parameters.get("weight")) if lt is not None else ():
+        j.setattr(mod, name, value)
 
 
 def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -837,20 +794,10 @@ def _check_structure(model: nn.Module, masks: dict[int, dict[int, torch.Tensor]]
                      aliases: dict[int, list[tuple[nn.Module, str]]]) -> None:
     for tid, dims in masks.items():
         for mod, name in aliases[tid]:
-            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and name == "weight":
-                depthwise = mod.weight.shape[1] == 1 and not mod.transposed
-                if not depthwise:
-                    raise ConfigError(
-                        f"{type(mod).__name__} with groups={mod.groups} cannot lose channels unevenly; exclude its "
-                        "group (ratio 0 for conv_channels) or use groups=1/depthwise convolutions."
-                    )
-            if isinstance(mod, nn.GroupNorm) and name == "weight":
-                kept = int(dims[0].sum())
-                if kept % mod.num_groups:
-                    raise ConfigError(
-                        f"GroupNorm with {mod.num_groups} groups cannot keep {kept} channels; choose a ratio "
-                        f"that leaves a multiple of {mod.num_groups}."
-                    )
+            lt = layer_type(mod)
+            why = lt.resize_error(mod, name, {d: int(mk.sum()) for d, mk in dims.items()}) if lt else None
+            if why is not None:
+                raise ConfigError(why)
 
 
 def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPlan],

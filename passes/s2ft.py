@@ -31,6 +31,7 @@ from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes._batch import batch_loss, calibrate
 from sparsify_fx.passes.copermute import permute
 from sparsify_fx.passes.hf import drop_checkpointing_grads, keep_checkpointing_grads
+from sparsify_fx.passes.layers import layer_type
 from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, require_values, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
@@ -694,12 +695,8 @@ def _meta_orientation(module: nn.Module, w: torch.Tensor, fqn: str, in_dim: int 
     (``in_dim == 0``), checked against the module type where it is known, else by a shape-only run."""
     transposed = in_dim == 0
     # exact types: a subclass may override forward (a quantised or adapter-wrapped Linear)
-    if type(module) is nn.Linear:
-        known: bool | None = False
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        known = True  # transformers' Conv1D: y = x @ W + b with W [in, out]
-    else:
-        known = None
+    lt = layer_type(module, exact=True)
+    known = lt.in_dim(module) == 0 if lt is not None and lt.is_linear else None
     if known is None and in_dim is None and w.shape[0] == w.shape[1]:
         raise ConfigError(
             f"{fqn}: on the meta device S²FT cannot tell whether {type(module).__name__} computes x @ W.T or "
