@@ -1,0 +1,431 @@
+"""Load a Hugging Face checkpoint into a model that was transformed before it had weights.
+
+The large-model flow: build on the meta device → :func:`~sparsify_fx.s2ft` (plan only, random strategy) →
+``fully_shard`` (optional) → ``to_empty`` → :func:`load_base`. The checkpoint is read tensor by tensor; each
+tensor gets the co-permutation the S²FT plan applied to its parameter, and goes wherever the model keeps it: a
+plain tensor, a view-layout weight (its trainable blocks re-bound as views), a ``layout="separate"`` block, or an
+FSDP2 ``DTensor`` shard, of which a rank reads only the rows it owns. Peak memory above the model is about one
+tensor of the checkpoint (a rank's share of it, for sharded parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.passes.s2ft import STATE_ATTR, S2FTLinear, S2FTState
+from sparsify_fx.passes.surgery import Journal, get_module, unwrap
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors' dtype names (the header's "dtype" field)
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+Index = dict[int, torch.Tensor]  # dim -> for each position of the model's tensor, the checkpoint's position
+
+
+# ---------------------------------------------------------------------- the checkpoint
+class _Checkpoint:
+    """The tensors of a checkpoint (one file, or shards named by an index), opened lazily through ``safe_open``.
+
+    Every file is opened up front, so a truncated or foreign file is refused before the model is written.
+    """
+
+    def __init__(self, path: str, stack: ExitStack) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self.directory = path if os.path.isdir(path) else os.path.dirname(path)
+        files = self._files(path)
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        for file in files:
+            try:
+                handle = stack.enter_context(safe_open(file, framework="pt"))
+            except Exception as exc:
+                raise ConfigError(
+                    f"{file!r} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be truncated: "
+                    "download or save the checkpoint again."
+                ) from exc
+            self._handles[file] = handle
+            for key in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                self._where[key] = file
+        if self._index is not None:
+            for key, file in self._index.items():
+                if self._where.get(key) != file:
+                    raise ConfigError(
+                        f"{INDEX_FILE} places {key!r} in {os.path.basename(file)!r}, which does not hold it: the "
+                        "shards and the index come from different saves; save the checkpoint again."
+                    )
+
+    def _files(self, path: str) -> list[str]:
+        self._index: dict[str, str] | None = None
+        if os.path.isfile(path):
+            return [path]
+        if not os.path.isdir(path):
+            raise ConfigError(f"no checkpoint at {path!r}: pass a directory written by save_pretrained or a "
+                              ".safetensors file.")
+        index_path = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"{index_path!r} is not a safetensors index ({exc}); save the checkpoint again."
+                ) from exc
+            self._index = {k: os.path.join(path, v) for k, v in weight_map.items()}
+            files = sorted(set(self._index.values()))
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise ConfigError(f"{INDEX_FILE} names shard {os.path.basename(missing[0])!r}, which is not in "
+                                  f"{path!r}: copy every shard of the checkpoint.")
+            return files
+        single = os.path.join(path, SINGLE_FILE)
+        if os.path.isfile(single):
+            return [single]
+        raise ConfigError(f"{path!r} holds neither {SINGLE_FILE} nor {INDEX_FILE}: it is not a safetensors "
+                          "checkpoint (save it with save_pretrained(..., safe_serialization=True)).")
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype | str:
+        name = self._handles[self._where[key]].get_slice(key).get_dtype()
+        return _DTYPES.get(name, name)
+
+    def read(self, key: str, select: Index) -> torch.Tensor:
+        """The tensor ``key`` at positions ``select[d]`` along each dim ``d`` (all of a dim not in ``select``).
+
+        Along dim 0 only the rows asked for are read (in contiguous runs), so a rank that owns a few rows of a
+        large tensor never holds the whole of it; the other dims are gathered in memory.
+        """
+        handle = self._handles[self._where[key]]
+        rows = select.get(0)
+        if rows is None:
+            t = handle.get_tensor(key)
+        else:
+            wanted, where = torch.unique(rows, sorted=True, return_inverse=True)
+            if wanted.numel() == 0:
+                t = torch.empty((0, *self.shape(key)[1:]), dtype=self._torch_dtype(key))
+            else:
+                cuts = (torch.nonzero(wanted.diff() != 1).flatten() + 1).tolist()
+                sl = handle.get_slice(key)
+                runs = torch.tensor_split(wanted, cuts)
+                t = torch.cat([sl[int(r[0]) : int(r[-1]) + 1] for r in runs])[where]
+        for d, ix in select.items():
+            if d != 0:
+                t = t.index_select(d, ix)
+        return t
+
+    def _torch_dtype(self, key: str) -> torch.dtype:
+        dt = self.dtype(key)
+        if not isinstance(dt, torch.dtype):
+            raise ConfigError(f"checkpoint tensor {key!r} has dtype {dt}, which this loader does not read.")
+        return dt
+
+    def config(self) -> dict[str, Any] | None:
+        path = os.path.join(self.directory, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return cfg if isinstance(cfg, dict) else None
+
+
+# ---------------------------------------------------------------------- where each checkpoint value goes
+def forward_index(model: nn.Module, st: S2FTState | None) -> dict[str, Index]:
+    """Per parameter FQN and dim, the composed co-permutation of an S²FT plan: position ``p`` of the transformed
+    tensor holds original position ``index[fqn][dim][p]``. Tied names are keyed by their first name.
+
+    Args:
+        model: the transformed model (tied parameters are recognised on it).
+        st: its S²FT state, or None for a model that was not transformed (no permutation).
+
+    Example:
+        >>> idx = forward_index(model, state_of(model))
+        >>> w_perm = w_orig.index_select(0, idx["model.layers.0.mlp.up_proj.weight"][0])
+    """
+    out: dict[str, Index] = {}
+    if st is None:
+        return out
+    canonical = _canonical_names(model)
+    for name, perm in st.perms.items():  # in the order s2ft applied them
+        done: set[tuple[str, int]] = set()
+        for m in st.groups[name].members:
+            fqn = canonical.get(m.fqn, m.fqn)
+            if (fqn, m.dim) in done:  # a tied tensor is permuted once
+                continue
+            done.add((fqn, m.dim))
+            ix = m.index(perm)
+            dims = out.setdefault(fqn, {})
+            dims[m.dim] = dims[m.dim][ix] if m.dim in dims else ix
+    return out
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        out[n] = first.setdefault(id(t), n)
+    return out
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """First name -> every name of that tensor (a tied weight has several; a checkpoint holds any one)."""
+    out: dict[str, list[str]] = {}
+    for n, first in _canonical_names(model).items():
+        out.setdefault(first, []).append(n)
+    return out
+
+
+@dataclass
+class _Target:
+    """One write: checkpoint tensor ``key`` at ``index`` into the model tensor ``dst`` (``fqn``)."""
+
+    fqn: str
+    key: str
+    dst: torch.Tensor
+    index: Index
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def _local(dst: torch.Tensor, index: Index, shape: tuple[int, ...]) -> tuple[torch.Tensor, Index]:
+    """The tensor this process writes and the checkpoint positions of its elements: the local shard of a
+    ``DTensor`` (its global offset from the placements), or the tensor itself."""
+    if not _is_dtensor(dst):
+        return dst.detach(), index
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
+    local = dst.to_local().detach()
+    select: Index = {}
+    for d, (n, off) in enumerate(zip(local_shape, offset)):
+        full = index.get(d)
+        if full is None and n == shape[d]:
+            continue
+        select[d] = full[off : off + n] if full is not None else torch.arange(off, off + n)
+    return local, select
+
+
+# ---------------------------------------------------------------------- non-persistent buffers
+def _non_persistent(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    for mod_name, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            if mod._buffers.get(b) is not None:
+                yield (f"{mod_name}.{b}" if mod_name else b), mod, b
+
+
+def _init_buffers(model: nn.Module, j: Journal) -> list[str]:
+    """Recompute the buffers no checkpoint holds (RoPE's ``inv_freq``) the way ``from_pretrained`` does: by the
+    model's own ``_init_weights`` on the modules that own them, with their parameters flagged as initialised so
+    that only the buffers are written. Returns the names it could not recompute (not a transformers model)."""
+    init = getattr(model, "_init_weights", None)
+    owners: dict[int, tuple[nn.Module, list[tuple[str, str]]]] = {}
+    for name, mod, b in _non_persistent(model):
+        owners.setdefault(id(mod), (mod, []))[1].append((name, b))
+    left = []
+    for mod, bufs in owners.values():
+        if init is None:
+            left += [name for name, b in bufs if mod._buffers[b].is_meta]
+            continue
+        # fresh tensors (the journal keeps the old ones), then one init of the module writes all of them in place
+        for _, b in bufs:
+            buf = mod._buffers[b]
+            j.set_tensor(mod, b, torch.empty_like(buf, device="cpu" if buf.is_meta else buf.device))
+        # transformers' init functions skip tensors flagged _is_hf_initialized: the module's parameters stay
+        flagged = [p for p in mod.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False)]
+        for p in flagged:
+            p._is_hf_initialized = True
+        try:
+            init(mod)
+        finally:
+            for p in flagged:
+                del p._is_hf_initialized
+    return left
+
+
+# ---------------------------------------------------------------------- load_base
+@torch.no_grad()
+def load_base(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a Hugging Face safetensors checkpoint into ``model``, which may be S²FT-transformed and FSDP2-sharded.
+
+    ``path`` is a directory written by ``save_pretrained`` (``model.safetensors``, or shards with
+    ``model.safetensors.index.json``) or one ``.safetensors`` file. Each tensor is read on its own and permuted the
+    way :func:`~sparsify_fx.s2ft` permuted the parameter, then written into the model's tensor: a plain
+    tensor; a view-layout weight, whose trainable blocks are re-bound as views of it if they are not (after
+    ``to_empty`` they have storage of their own); a ``layout="separate"`` block; or the local shard of an FSDP2
+    ``DTensor``, for which only the rows this rank owns are read. The S²FT base blocks (what
+    :func:`~sparsify_fx.export_adapter` subtracts) are the loaded values afterwards. Buffers that no checkpoint
+    holds (rotary ``inv_freq``) are recomputed the way ``from_pretrained`` does, by the model's ``_init_weights``.
+
+    Everything is checked before the first write: a missing tensor, a shape or dtype that differs from the
+    model's, a tensor the model does not have (``strict``), or a ``config.json`` of another model type raise
+    :class:`~sparsify_fx.errors.ConfigError` naming the tensor. The module changes (block re-binding, buffers,
+    base blocks) are journaled; the weight values are not (keeping the old values would double the memory the
+    loader exists to save), so an I/O error or an interrupt while writing leaves weights partly loaded: call
+    ``load_base`` again.
+
+    Args:
+        model: the model, materialised (``model.to_empty(device=...)``), possibly transformed and sharded.
+        path: the checkpoint directory or file.
+        strict: refuse checkpoint tensors the model has no parameter or persistent buffer for.
+
+    Example::
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+        sparsify_fx.s2ft(model, (ids,), sparsify_fx.S2FTConfig(layout="separate"))
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        model.to_empty(device="cpu")
+        sparsify_fx.load_base(model, ckpt)
+    """
+    model = unwrap(model)
+    st: S2FTState | None = getattr(model, STATE_ATTR, None)
+    with ExitStack() as stack:
+        ckpt = _Checkpoint(os.fspath(path), stack)
+        targets, blocks = _plan(model, st, ckpt, strict)
+        with Journal(model) as j:
+            for lin, i, view in blocks["rebind"]:
+                j.set_data(lin.blocks[i], view)
+            for t in targets:
+                local, select = _local(t.dst, t.index, ckpt.shape(t.key))
+                local.copy_(ckpt.read(t.key, select))
+            left = _init_buffers(model, j)
+            if st is not None:
+                j.setattr(st, "base_blocks", _base_blocks(model, st, ckpt, blocks["weights"]))
+    if left:
+        raise ConfigError(
+            f"the weights are loaded, but buffer(s) {left[:3]} are in no checkpoint and still on the meta device, and "
+            "this model has no _init_weights to recompute them: build them on a real device (register them after "
+            "to_empty) or set them by hand."
+        )
+    return model
+
+
+def _plan(model: nn.Module, st: S2FTState | None, ckpt: _Checkpoint,
+          strict: bool) -> tuple[list[_Target], dict[str, Any]]:
+    """Every write of the load, checked against the checkpoint's headers; raises before anything is written."""
+    _check_config(model, ckpt)
+    index = forward_index(model, st)
+    swapped = dict(st.modules) if st is not None else {}
+    block_prefixes = tuple(f"{m}.blocks." for m in swapped)
+    non_persistent = {n for n, _, _ in _non_persistent(model)}
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update((n, b) for n, b in model.named_buffers(remove_duplicate=False) if n not in non_persistent)
+    keys = ckpt.keys()
+    targets: list[_Target] = []
+    key_of: dict[str, str] = {}
+    used: set[str] = set()
+    for first, names in _aliases(model).items():
+        names = [n for n in names if n in tensors and not n.startswith(block_prefixes)]
+        if not names:
+            continue
+        found = [n for n in names if n in keys]
+        if not found:
+            raise ConfigError(
+                f"the checkpoint at {ckpt.path!r} has no tensor {names[0]!r}"
+                f"{f' (nor its tied names {names[1:]})' if len(names) > 1 else ''}: it is for another model or "
+                "was saved without it; load the checkpoint of this architecture."
+            )
+        used.update(found)
+        dst = tensors[names[0]]
+        _check_header(ckpt, found[0], dst)
+        if dst.device.type == "meta":
+            raise ConfigError(
+                f"{names[0]} is on the meta device: materialise the model first with model.to_empty(device='cpu') "
+                "(or 'cuda'), after fully_shard if it is sharded, then load_base."
+            )
+        key_of[first] = found[0]
+        targets.append(_Target(first, found[0], dst, index.get(first, {})))
+    extra = sorted(keys - used - non_persistent - set(tensors))
+    if strict and extra:
+        raise ConfigError(
+            f"the checkpoint at {ckpt.path!r} holds {len(extra)} tensor(s) this model does not have (e.g. "
+            f"{extra[:3]}): it belongs to another architecture or config; load the matching checkpoint, or pass "
+            "strict=False to ignore them."
+        )
+    canonical = _canonical_names(model)
+    rebind: list[tuple[S2FTLinear, int, torch.Tensor]] = []
+    weights: dict[tuple[str, int], tuple[str, Index]] = {}  # (weight fqn, start) -> checkpoint key, block index
+    for mod_name, wfqn in swapped.items():
+        lin = get_module(model, mod_name)
+        if not isinstance(lin, S2FTLinear):
+            continue
+        first = canonical.get(wfqn, wfqn)
+        key, w_index = key_of[first], index.get(first, {})
+        for i, (s, n) in enumerate(zip(lin.starts, lin.lengths)):
+            b_index = dict(w_index)
+            along = w_index.get(lin.param_dim)
+            b_index[lin.param_dim] = along[s : s + n] if along is not None else torch.arange(s, s + n)
+            weights[(wfqn, s)] = (key, b_index)
+            block = lin.blocks[i]
+            if lin.layout == "view" and not _is_dtensor(lin.weight):
+                view = lin.weight.data.narrow(lin.param_dim, s, n)
+                if block.untyped_storage().data_ptr() != view.untyped_storage().data_ptr() or (
+                        block.data_ptr() != view.data_ptr() or block.stride() != view.stride()):
+                    rebind.append((lin, i, view))
+            else:
+                if block.device.type == "meta":
+                    raise ConfigError(f"{mod_name}.blocks.{i} is on the meta device: materialise the model first "
+                                      "with model.to_empty(device='cpu').")
+                targets.append(_Target(f"{mod_name}.blocks.{i}", key, block, b_index))
+    return targets, {"rebind": rebind, "weights": weights}
+
+
+def _check_header(ckpt: _Checkpoint, key: str, dst: torch.Tensor) -> None:
+    shape, dtype = ckpt.shape(key), ckpt.dtype(key)
+    if shape != tuple(dst.shape):
+        raise ConfigError(
+            f"checkpoint tensor {key!r} has shape {shape}, the model's has {tuple(dst.shape)}: the checkpoint is for "
+            "another config (sizes) or architecture; load the checkpoint this model was built for."
+        )
+    if dtype != dst.dtype:
+        raise ConfigError(
+            f"checkpoint tensor {key!r} is {dtype}, the model's is {dst.dtype}: build the model in the checkpoint's "
+            f"dtype (e.g. torch_dtype={dtype} in from_config, or model.to({dtype}) before s2ft), or convert the "
+            "checkpoint."
+        )
+
+
+def _check_config(model: nn.Module, ckpt: _Checkpoint) -> None:
+    cfg = ckpt.config()
+    mine = getattr(getattr(model, "config", None), "model_type", None)
+    theirs = cfg.get("model_type") if cfg else None
+    if isinstance(mine, str) and isinstance(theirs, str) and mine != theirs:
+        raise ConfigError(
+            f"the checkpoint at {ckpt.path!r} is a {theirs!r} model (config.json), this model is {mine!r}: load the "
+            "checkpoint of this architecture."
+        )
+
+
+def _base_blocks(model: nn.Module, st: S2FTState, ckpt: _Checkpoint,
+                 weights: dict[tuple[str, int], tuple[str, Index]]) -> dict[tuple[str, int], torch.Tensor]:
+    """The base values of every trained block, whole (blocks are the few percent that train)."""
+    out = dict(st.base_blocks)
+    for (wfqn, s), (key, b_index) in weights.items():
+        out[(wfqn, s)] = ckpt.read(key, b_index)
+    return out
+
