@@ -152,7 +152,8 @@ def layer_type(module: nn.Module, *, exact: bool = False) -> LayerType | None:
 
     Example::
 
-        layer_type(nn.Linear(4, 3)).weight_oi(lin).shape  # torch.Size([3, 4])
+        lin = nn.Linear(4, 3)
+        layer_type(lin).weight_oi(lin).shape  # torch.Size([3, 4])
     """
     cls = type(module)
     entry = _BY_TYPE.get(cls)

@@ -30,14 +30,25 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
-from sparsify_fx.passes._batch import batch_loss, calibrate, run_batch
+from sparsify_fx.passes._batch import run_batch
 from sparsify_fx.passes.hf import warn_if_not_pretrained
+from sparsify_fx.passes.importance import (
+    Calibration,
+    Combine,
+    Feed,
+    Importance,
+    Stats,
+    Units,
+    UnitSlice,
+    option,
+    resolve,
+    select,
+)
 from sparsify_fx.passes.layers import layer_type
-from sparsify_fx.passes.surgery import Journal, Verb, require_composable, require_values, unwrap
+from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, require_values, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _get
 from sparsify_fx.passes.surgery import split_fqn as _split
 
@@ -47,6 +58,7 @@ KINDS = ("attention_heads", "kv_heads", "head_dim", "ffn_channels", "conv_channe
 # what a single float ratio prunes (hidden only with prune_hidden=True; kv_heads only when named)
 DEFAULT_KINDS = ("attention_heads", "ffn_channels", "conv_channels", "channels")
 Score = Literal["magnitude", "activation", "taylor", "random"]
+SCORES = ("magnitude", "activation", "taylor", "random")  # names from importance.IMPORTANCES
 
 
 @dataclass
@@ -78,7 +90,7 @@ class PruneConfig:
 
     ratio: float | Mapping[str, float] = 0.25
     scope: Literal["per_layer", "global"] = "per_layer"
-    score: Score = "magnitude"
+    score: Score | Importance = "magnitude"
     bias_compensation: bool = False
     prune_hidden: bool = False
     keep_min: int = 1
@@ -91,9 +103,10 @@ class PruneConfig:
     def validate(self) -> None:
         if self.scope not in ("per_layer", "global"):
             raise ConfigError(f"PruneConfig.scope must be 'per_layer' or 'global', got {self.scope!r}.")
-        if self.score not in ("magnitude", "activation", "taylor", "random"):
+        if not isinstance(self.score, Importance) and (not isinstance(self.score, str) or self.score not in SCORES):
             raise ConfigError(
-                f"PruneConfig.score must be magnitude, activation, taylor or random, got {self.score!r}."
+                f"PruneConfig.score must be magnitude, activation, taylor or random, got {self.score!r}; or pass an "
+                "Importance (sparsify_fx.passes.importance) to rank units your way."
             )
         if not isinstance(self.keep_min, int) or isinstance(self.keep_min, bool) or self.keep_min < 1:
             raise ConfigError(f"PruneConfig.keep_min must be an int >= 1, got {self.keep_min!r}.")
@@ -133,14 +146,14 @@ class PruneConfig:
                 )
             if "hidden" in self.ratio and not self.prune_hidden:
                 raise ConfigError("ratio names 'hidden' but prune_hidden=False; set prune_hidden=True to prune it.")
-        needs_data = self.score == "activation" or self.bias_compensation
-        if needs_data and self.calibration is None:
-            what = "score='activation'" if self.score == "activation" else "bias_compensation=True"
+        imp = resolve(self.score)
+        if (imp.needs_batches or self.bias_compensation) and self.calibration is None:
+            what = option("score", self.score) if imp.needs_batches else "bias_compensation=True"
             raise ConfigError(f"{what} needs calibration batches: pass PruneConfig(calibration=[batch, ...]).")
-        if self.score == "taylor" and self.calibration is None and self.loss_fn is None:
+        if imp.needs_loss and self.calibration is None and self.loss_fn is None:
             raise ConfigError(
-                "score='taylor' needs a loss: pass loss_fn=lambda model, batch: ... and/or calibration batches "
-                "for which the model returns .loss (e.g. with labels)."
+                f"{option('score', self.score)} needs a loss: pass loss_fn=lambda model, batch: ... and/or calibration "
+                "batches for which the model returns .loss (e.g. with labels)."
             )
 
 
@@ -206,144 +219,13 @@ class _GroupPlan:
     idx: dict[tuple[str, int], torch.Tensor]  # (fqn, dim) -> [units, k] indices
 
 
-@dataclass
-class _Stats:
-    """Per input feature of a consumer: sum of x, sum of x^2, count."""
-
-    s1: torch.Tensor
-    s2: torch.Tensor
-    n: int = 0
-
-
-def _collect_stats(model: nn.Module, consumers: dict[str, _Consumer], batches: list[Any], progress: bool
-                   ) -> dict[str, _Stats]:
-    stats: dict[str, _Stats] = {}
-    batch_no = [-1]
-
-    def count(_mod: nn.Module, _args: tuple) -> None:
-        # the model's own pre-hook fires once per batch, before any inner module's
-        batch_no[0] += 1
-
-    def hook(name: str, axis: int) -> Callable:
-        def fn(_mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().double()
-            x = x.movedim(axis, -1).reshape(-1, x.shape[axis])
-            if not torch.isfinite(x).all():
-                # NaN statistics would rank units arbitrarily and NaN the compensated biases
-                raise ConfigError(
-                    f"prune: calibration batch {batch_no[0]} gives non-finite activations (NaN/inf) at the input "
-                    f"of {name}, so score='activation' / bias_compensation cannot use it; drop or fix that batch, "
-                    "or use score='magnitude' without bias_compensation."
-                )
-            st = stats.get(name)
-            if st is None:
-                st = stats[name] = _Stats(torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
-                                          torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
-            st.s1 += x.sum(0)
-            st.s2 += x.pow(2).sum(0)
-            st.n += x.shape[0]
-
-        return fn
-
-    hooks = [(model, count)] + [(model.get_submodule(c.module), hook(c.module, c.axis)) for c in consumers.values()]
-    calibrate(model, hooks, batches, "prune: calibration", progress)
-    return stats
-
-
-def _member_modules(g: Group) -> dict[str, list[Member]]:
-    out: dict[str, list[Member]] = defaultdict(list)
-    for m in g.members:
-        if not m.is_buffer:
-            out[_split(m.fqn)[0]].append(m)
-    return out
-
-
-def _magnitude(model: nn.Module, g: Group, idx: Mapping[tuple[str, int], torch.Tensor]) -> torch.Tensor:
-    """log of the product over modules of each unit's weight norm in that module."""
-    logs = torch.zeros(g.num_units, dtype=torch.float64)
-    for _mod, mems in _member_modules(g).items():
-        sq = torch.zeros(g.num_units, dtype=torch.float64)
-        for m in mems:
-            t = _get(model, m.fqn).detach().double()
-            e = t.pow(2).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1)
-            sq += e[idx[(m.fqn, m.dim)]].sum(1).cpu()
-        if not torch.isfinite(sq).all():
-            raise ConfigError(
-                f"prune: score='magnitude': the weights of {_mod} (group {g.name!r}) hold NaN/inf values, so its "
-                "units cannot be ranked; repair the checkpoint or use score='random'."
-            )
-        logs += 0.5 * torch.log(sq.clamp_min(1e-300))
-    return logs
-
-
-def _activation(model: nn.Module, g: Group, idx: Mapping[tuple[str, int], torch.Tensor],
-                consumers: dict[str, _Consumer], stats: dict[str, _Stats]) -> torch.Tensor | None:
-    score = torch.zeros(g.num_units, dtype=torch.float64)
-    found = False
-    for m in g.members:
-        c = consumers.get(m.fqn)
-        if c is None or m.role != "in" or c.dim != m.dim or c.module not in stats:
-            continue
-        st = stats[c.module]
-        t = _get(model, m.fqn).detach().double()
-        col = t.pow(2).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1).cpu()
-        ex2 = (st.s2 / max(st.n, 1)).cpu()
-        score += (col * ex2)[idx[(m.fqn, m.dim)]].sum(1)
-        found = True
-    return score if found else None
-
-
-def _taylor(model: nn.Module, plans: list[_GroupPlan], cfg: PruneConfig, batches: list[Any]
-            ) -> dict[str, torch.Tensor]:
-    """Per unit: sum over batches of (sum over the unit's consumer weights of grad * weight)^2."""
-    targets: dict[str, list[Member]] = {}
-    for p in plans:
-        mems = [m for m in p.group.members if m.role == "in" and not m.is_buffer]
-        targets[p.group.name] = mems or [m for m in p.group.members if not m.is_buffer]
-    params = {m.fqn: _get(model, m.fqn) for ms in targets.values() for m in ms}
-    saved = {n: (t.requires_grad, t.grad) for n, t in params.items()}
-    scores = {p.group.name: torch.zeros(p.group.num_units, dtype=torch.float64) for p in plans}
-    was_training = model.training
-    model.eval()
-    try:
-        for t in params.values():
-            t.requires_grad_(True)
-        for b, batch in enumerate(
-            tqdm(batches, desc="prune: calibration (taylor)", disable=not cfg.progress, leave=False)
-        ):
-            for t in params.values():
-                t.grad = None
-            loss = batch_loss(model, batch, cfg.loss_fn, "score='taylor'")
-            # NaN scores sort arbitrarily: refuse rather than prune by noise
-            if not torch.isfinite(loss.detach()).all():
-                raise ConfigError(
-                    f"prune: score='taylor': calibration batch {b} gives a non-finite loss ({loss.item()}), so "
-                    "its gradients cannot rank units; drop or fix that batch (or the loss_fn), or use "
-                    "score='magnitude'."
-                )
-            loss.backward()
-            for p in plans:
-                s = torch.zeros(p.group.num_units, dtype=torch.float64)
-                for m in targets[p.group.name]:
-                    t = params[m.fqn]
-                    if t.grad is None:
-                        continue
-                    gw = (t.grad.detach().double() * t.detach().double())
-                    gw = gw.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).sum(1).cpu()
-                    s += gw[p.idx[(m.fqn, m.dim)]].sum(1)
-                if not torch.isfinite(s).all():
-                    raise ConfigError(
-                        f"prune: score='taylor': calibration batch {b} gives non-finite gradients for group "
-                        f"{p.group.name!r}, so they cannot rank its units; drop or fix that batch, or use "
-                        "score='magnitude'."
-                    )
-                scores[p.group.name] += s.pow(2)
-    finally:
-        for n, t in params.items():
-            t.requires_grad_(saved[n][0])
-            t.grad = saved[n][1]
-        model.train(was_training)
-    return scores
+def _ranked(p: _GroupPlan, consumers: dict[str, _Consumer]) -> Units:
+    """How prune describes a group to an importance: every slice of every member (modules in series, so a unit zero
+    in one of them is dead), observed at its hooked consumers and weighed by their columns (which stay)."""
+    weights = [UnitSlice(m.fqn, m.dim, p.idx[(m.fqn, m.dim)], m.role) for m in p.group.members if not m.is_buffer]
+    feeds = [Feed(c.module, c.axis, s) for s in weights
+             if s.role == "in" and (c := consumers.get(s.fqn)) is not None and c.dim == s.dim]
+    return Units(p.group.name, p.group.num_units, weights, feeds, Combine.PRODUCT, torch.float64)
 
 
 def _stream_like(g: Group) -> bool:
@@ -400,40 +282,39 @@ def _select(plans: list[_GroupPlan], scores: dict[str, torch.Tensor], ratios: di
         by_kind[p.group.kind].append(p)
     for kind, ps in by_kind.items():
         r = ratios[kind]
+        kind_scores = [scores[p.group.name] for p in ps]
         if cfg.scope == "per_layer":
-            for p in ps:
-                n = _n_remove(r, p.group.num_units)
+            counts = [_n_remove(r, p.group.num_units) for p in ps]
+            for p, n in zip(ps, counts):
                 if p.group.num_units - n < cfg.keep_min:
                     raise ConfigError(
                         f"group {p.group.name!r} has {p.group.num_units} units; ratio {r} would remove {n} and "
                         f"leave fewer than keep_min={cfg.keep_min}. Lower the ratio for {kind!r}."
                     )
-                order = torch.argsort(scores[p.group.name], stable=True)
-                p.removed = sorted(order[:n].tolist())
+            picks = select(kind_scores, counts, highest=False)
         else:
-            pool = []
-            for gi, p in enumerate(ps):
-                for u, s in enumerate(scores[p.group.name].tolist()):
-                    pool.append((s, gi, u))
-            pool.sort()
-            n = _n_remove(r, len(pool))
-            left = [p.group.num_units for p in ps]
-            chosen: list[list[int]] = [[] for _ in ps]
-            for _s, gi, u in pool:
-                if n == 0:
-                    break
-                if left[gi] - 1 < cfg.keep_min:
-                    continue
-                left[gi] -= 1
-                chosen[gi].append(u)
-                n -= 1
-            if n > 0 and r > 0:
+            n = _n_remove(r, sum(p.group.num_units for p in ps))
+            picks = select(kind_scores, n, highest=False, admit=_keeps(ps, cfg.keep_min))
+            if sum(map(len, picks)) < n and r > 0:
                 raise ConfigError(
                     f"global ratio {r} for {kind!r} cannot be met while every group keeps keep_min={cfg.keep_min} "
                     "units; lower the ratio or keep_min."
                 )
-            for p, c in zip(ps, chosen):
-                p.removed = sorted(c)
+        for p, c in zip(ps, picks):
+            p.removed = c
+
+
+def _keeps(ps: list[_GroupPlan], keep_min: int) -> Callable[[int], bool]:
+    """Admits one more removal from ``ps[i]`` while it keeps at least ``keep_min`` units."""
+    left = [p.group.num_units for p in ps]
+
+    def admit(i: int) -> bool:
+        if left[i] - 1 < keep_min:
+            return False
+        left[i] -= 1
+        return True
+
+    return admit
 
 
 # ---------------------------------------------------------------------- attribute discovery
@@ -606,7 +487,7 @@ def _write(j: Journal, model: nn.Module, new_tensors: dict[int, torch.Tensor], t
             j.set_tensor(mod, name, new_obj)
             touched[id(mod)] = mod
     for mn, b in created.items():
-        mod = model.get_submodule(mn)
+        mod = get_module(model, mn)
         j.set_tensor(mod, "bias", nn.Parameter(b, requires_grad=mod.weight.requires_grad))
     for mod in touched.values():
         _module_fields(j, mod)
@@ -633,7 +514,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     require_values(model, "prune", "it scores units and checks the pruned model's outputs")
     # read once: a generator would be spent by the first of taylor scoring and the statistics pass
     calibration = list(cfg.calibration) if cfg.calibration is not None else None
-    uses_data = cfg.score in ("activation", "taylor") or cfg.bias_compensation
+    imp = resolve(cfg.score, cfg.seed)
+    uses_data = imp.needs_batches or imp.needs_loss or cfg.bias_compensation
     if uses_data and calibration is not None and not calibration:
         raise ConfigError("PruneConfig.calibration is empty; pass at least one batch.")
     report = analyze(model, example_inputs)
@@ -659,31 +541,17 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
             if m.role != "in" or m.is_buffer:
                 continue
             mod_name, attr = _split(m.fqn)
-            axis = _contracted_axis(model.get_submodule(mod_name), attr, m.dim)
+            axis = _contracted_axis(get_module(model, mod_name), attr, m.dim)
             if axis is not None:
                 consumers[m.fqn] = _Consumer(mod_name, attr, axis, m.dim)
-    stats: dict[str, _Stats] = {}
-    if cfg.score == "activation" or cfg.bias_compensation:
-        by_module = {c.module: c for c in consumers.values()}
-        stats = _collect_stats(model, by_module, calibration, cfg.progress)
-
-    # ---- scores (higher = keep)
-    scores: dict[str, torch.Tensor] = {}
-    if cfg.score == "taylor":
-        scores = _taylor(model, plans, cfg, calibration if calibration is not None else [example_inputs])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for p in plans:
-        g = p.group
-        if cfg.score == "random":
-            scores[g.name] = torch.rand(g.num_units, generator=gen, dtype=torch.float64)
-        elif cfg.score == "magnitude":
-            scores[g.name] = _magnitude(model, g, p.idx)
-        elif cfg.score == "activation":
-            s = _activation(model, g, p.idx, consumers, stats)
-            if s is None:
-                log.warning("prune: group %s has no hooked consumer; ranking it by magnitude", g.name)
-                s = _magnitude(model, g, p.idx).exp()
-            scores[g.name] = s
+    # ---- scores (higher = keep); the activation score's statistics pass is reused by bias compensation
+    calib = Calibration(calibration if calibration is not None else [example_inputs], cfg.loss_fn,
+                        option("score", cfg.score), "score", "prune", cfg.progress)
+    scores = imp(model, [_ranked(p, consumers) for p in plans], calib)
+    stats: dict[str, Stats] = {}
+    if cfg.bias_compensation:
+        inputs = {c.module: c.axis for c in consumers.values()}
+        stats = calib.feature_stats(model, inputs, torch.float64, "bias_compensation cannot use them")
     _select(plans, scores, ratios, cfg)
     active = [p for p in plans if p.removed]
     if not active:
@@ -713,7 +581,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
                 c = consumers.get(m.fqn)
                 if c is None or c.dim != m.dim or c.module not in stats or c.attr != "weight":
                     continue
-                mod = model.get_submodule(c.module)
+                mod = get_module(model, c.module)
                 if _out_dim(mod) is None:
                     continue
                 st = stats[c.module]
@@ -731,10 +599,10 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
 
     # ---- new tensors (nothing written yet)
     new_tensors: dict[int, torch.Tensor] = {}
-    bias_of = {id(model.get_submodule(mn)._parameters.get("bias")): mn for mn in deltas
-               if model.get_submodule(mn)._parameters.get("bias") is not None}
+    bias_of = {id(get_module(model, mn)._parameters.get("bias")): mn for mn in deltas
+               if get_module(model, mn)._parameters.get("bias") is not None}
     for mn in deltas:  # existing consumer biases take the delta even when no group shrinks them
-        b = model.get_submodule(mn)._parameters.get("bias")
+        b = get_module(model, mn)._parameters.get("bias")
         if b is not None:
             tensors.setdefault(id(b), b)
     for tid, t in tensors.items():
@@ -746,7 +614,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         new_tensors[tid] = base.clone()
     created: dict[str, torch.Tensor] = {}
     for mn, d in deltas.items():
-        mod = model.get_submodule(mn)
+        mod = get_module(model, mn)
         if mod._parameters.get("bias") is not None:
             continue
         od = _out_dim(mod)
@@ -824,7 +692,7 @@ def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPl
             for mod, name in aliases[tid]:
                 j.set_tensor(mod, name, obj)
         for mn, d in deltas.items():
-            mod = model.get_submodule(mn)
+            mod = get_module(model, mn)
             b = mod._parameters.get("bias")
             nb = (b.detach() if b is not None else torch.zeros_like(d, dtype=mod.weight.dtype)) + d.to(mod.weight.dtype)
             j.set_tensor(mod, "bias", nn.Parameter(nb.to(mod.weight.device), requires_grad=False))
