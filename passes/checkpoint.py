@@ -429,3 +429,107 @@ def _base_blocks(model: nn.Module, st: S2FTState, ckpt: _Checkpoint,
         out[(wfqn, s)] = ckpt.read(key, b_index)
     return out
 
+
+
+# ---------------------------------------------------------------------- save merged, shard by shard
+@torch.no_grad()
+def save_merged(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> None:
+    """Write the trained model as a plain Hugging Face checkpoint (original layout and names, trained weights in),
+    tensor by tensor, so that no rank ever holds the whole model: what :func:`~sparsify_fx.merge` followed by
+    ``save_pretrained`` gives, for a model that may not fit in one process.
+
+    Each tensor is gathered whole (an FSDP2 ``DTensor``: ``full_tensor``, a collective, so every rank must call
+    this), the trained blocks are written into it, the co-permutation is undone, and rank 0 collects it into the
+    current shard; a shard is written as soon as it is full. Peak memory on rank 0: one shard plus one tensor.
+    Shards are ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (one
+    ``model.safetensors`` if it all fits in one shard) and the model's ``config.json``, so ``from_pretrained``
+    reads the directory. Tied tensors are saved once, under their first name, as ``save_pretrained`` does.
+
+    Args:
+        model: an S²FT model (possibly sharded) or a plain one.
+        path: the directory to write (created if needed).
+        max_shard_size: bytes per shard file at most (a single larger tensor gets a shard of its own).
+
+    Example::
+
+        sparsify_fx.save_merged(model, "out/merged", max_shard_size=2 * 2**30)   # on every rank
+        plain = AutoModelForCausalLM.from_pretrained("out/merged")
+    """
+    from sparsify_fx._io import save_safetensors_atomic
+
+    model = unwrap(model)
+    if not isinstance(max_shard_size, int) or isinstance(max_shard_size, bool) or max_shard_size <= 0:
+        raise ConfigError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}.")
+    st: S2FTState | None = getattr(model, STATE_ATTR, None)
+    index = forward_index(model, st)
+    blocks_of: dict[str, S2FTLinear] = {}
+    if st is not None:
+        for mod_name, wfqn in st.modules.items():
+            blocks_of[wfqn] = get_module(model, mod_name)
+    prefixes = tuple(f"{m}.blocks." for m in (st.modules if st is not None else ()))
+    non_persistent = {n for n, _, _ in _non_persistent(model)}
+    names: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if n.startswith(prefixes) or n in non_persistent or id(t) in seen:
+            continue
+        seen.add(id(t))
+        names.append((n, t))
+    # plan the shards from shapes alone, so the file names (…-of-n) are known before the first write
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n, t in names:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    files = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    writer = _rank() == 0
+    path = os.fspath(path)
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    tensors = dict(names)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file, shard in zip(files, shards):
+        out: dict[str, torch.Tensor] = {}
+        for n in shard:
+            t = _merged_tensor(n, tensors[n], blocks_of.get(n), index.get(n, {}))
+            if writer:
+                out[n] = t.cpu().contiguous()
+                weight_map[n] = file
+                total += t.numel() * t.element_size()
+        if writer:
+            save_safetensors_atomic(out, os.path.join(path, file), {"format": "pt"}, prefix=".merged-")
+        del out
+    if not writer:
+        return
+    if len(files) > 1:
+        doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+    config = getattr(model, "config", None)
+    if hasattr(config, "save_pretrained"):
+        config.save_pretrained(path)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _merged_tensor(fqn: str, t: torch.Tensor, lin: S2FTLinear | None, index: Index) -> torch.Tensor:
+    """Tensor ``fqn`` whole, trained blocks written in, in original coordinates."""
+    full = t.full_tensor() if _is_dtensor(t) else t.detach()
+    if lin is not None:
+        full = full.clone()
+        for s, n, b in zip(lin.starts, lin.lengths, lin.blocks):
+            block = b.full_tensor() if _is_dtensor(b) else b.detach()
+            full.narrow(lin.param_dim, s, n).copy_(block)
+    for d, ix in index.items():
+        full = full.index_select(d, torch.argsort(ix).to(full.device))
+    return full

@@ -46,6 +46,7 @@ _LAZY: dict[str, str] = {
     "explain": "sparsify_fx.codegen.explain",
     "permute": "sparsify_fx.passes.copermute",
     "load_base": "sparsify_fx.passes.checkpoint",
+    "save_merged": "sparsify_fx.passes.checkpoint",
 }
 
 __all__ = [
@@ -80,7 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover
         remove_adapter,
         save_adapter,
     )
-    from sparsify_fx.passes.checkpoint import load_base  # noqa: F401
+    from sparsify_fx.passes.checkpoint import load_base, save_merged  # noqa: F401
     from sparsify_fx.passes.copermute import permute  # noqa: F401
     from sparsify_fx.passes.nm import BlockConfig, NMConfig, export_sparse, load_sparse, sparsify  # noqa: F401
     from sparsify_fx.passes.prune import PruneConfig, prune  # noqa: F401

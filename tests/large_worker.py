@@ -72,6 +72,7 @@ def worker(rank: int, world: int, ckpt: str, init_file: str, out_dir: str) -> No
         with torch.no_grad():
             logits = model(ids).logits
         adapter = sparsify_fx.export_adapter(model)  # collective: every rank gathers the trained blocks
+        sparsify_fx.save_merged(model, os.path.join(out_dir, "merged"), max_shard_size=200_000)  # collective too
         if rank == 0:
             adapter.save(os.path.join(out_dir, "adapter"))
             torch.save({"losses": losses, "logits": logits}, os.path.join(out_dir, "result.pt"))

@@ -99,6 +99,21 @@ def test_single_file_checkpoint_into_a_plain_meta_model(tmp_path, ckpt: str) -> 
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
 
 
+@pytest.mark.parametrize("layout", ["view", "separate"])
+def test_save_merged_equals_merge(tmp_path, ckpt: str, layout: str) -> None:
+    model = _loaded(ckpt, layout)
+    large_worker.train(model.train(), IDS)
+    sparsify_fx.save_merged(model, tmp_path, max_shard_size=200_000)
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("model-")]) >= 3
+    assert (tmp_path / "config.json").is_file()
+    want = sparsify_fx.merge(model).state_dict()
+    got = LlamaForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    with pytest.raises(ConfigError, match="max_shard_size"):
+        sparsify_fx.save_merged(model, tmp_path / "x", max_shard_size=0)
+
+
 def test_meta_model_refused_with_the_fix(ckpt: str) -> None:
     model = large_worker.meta_model("view")
     with pytest.raises(ConfigError, match=r"meta device.*to_empty"):
@@ -168,6 +183,11 @@ def test_fsdp2_two_processes_match_single_process(tmp_path, ckpt: str) -> None:
     with torch.no_grad():
         trained = ref(IDS).logits
     assert models.rel_err(got["logits"], trained) <= 1e-5
+    # the merged checkpoint, written tensor by tensor from the shards, is a plain from_pretrained directory
+    merged = tmp_path / "merged"
+    assert len([f for f in os.listdir(merged) if f.startswith("model-")]) >= 3
+    with torch.no_grad():
+        assert models.rel_err(LlamaForCausalLM.from_pretrained(merged).eval()(IDS).logits, trained) <= 1e-5
     # the adapter's fingerprint, sampled across the shards, recognises the plain base
     base = LlamaForCausalLM.from_pretrained(ckpt).eval()
     sparsify_fx.apply_adapter(base, adapter)
