@@ -55,9 +55,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     ``torch.compile(model)`` returns an ``OptimizedModule`` whose parameters live on ``model``; passes keep
     their state on the inner module so that both the wrapper and the module itself can be merged or exported.
     """
-    inner = getattr(model, "_orig_mod", None)
-    while isinstance(inner, nn.Module):
-        model, inner = inner, getattr(inner, "_orig_mod", None)
+    # _modules, not getattr: nn.Module.__getattr__ raising AttributeError costs microseconds on the switch path
+    while type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
+        model = model._modules["_orig_mod"]
     return model
 
 
