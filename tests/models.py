@@ -58,6 +58,14 @@ def mistral(layers: int = 2, heads: int = 4, kv_heads: int = 1, hidden: int = 64
     return MistralForCausalLM(cfg)
 
 
+def falcon(layers: int = 2, heads: int = 4, hidden: int = 64, vocab: int = 128):
+    """Falcon's default architecture: multi-query attention in one fused query_key_value, rotary, parallel MLP."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden)
+    return FalconForCausalLM(cfg)
+
+
 def gpt2(layers: int = 2, heads: int = 4, hidden: int = 64, vocab: int = 128):
     from transformers import GPT2Config, GPT2LMHeadModel
 

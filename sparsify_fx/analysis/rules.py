@@ -20,6 +20,7 @@ import torch
 
 from sparsify_fx.analysis.context import RuleContext, Value
 from sparsify_fx.analysis.spaces import Dim, as_size
+from sparsify_fx.errors import AnalysisError
 
 aten = torch.ops.aten
 Rule = Callable[[RuleContext], Value]
@@ -27,27 +28,93 @@ Rule = Callable[[RuleContext], Value]
 RULES: dict[Any, Rule] = {}
 
 
+# alias packet -> canonical packet (aten.multiply -> aten.mul): an alias computes exactly what its canonical op
+# does, with the same argument names, so it is looked up under the canonical op's rule and never has its own
+ALIASES: dict[Any, Any] = {}
+
+
 def register(*ops: Any) -> Callable[[Rule], Rule]:
-    """Register a rule for ATen overload packets (all overloads) or single overloads."""
+    """Register a rule for ATen overload packets (all overloads) or single overloads.
+
+    Args:
+        *ops: overload packets (``aten.linear``) or single overloads (``aten.max.dim``). An alias
+            (``aten.multiply``) is refused: register its canonical op, the alias resolves to it.
+
+    Example::
+
+        @register(aten.my_pointwise)
+        def _mine(ctx: RuleContext) -> Value:
+            return list(ctx.dims(ctx.arg("self")))
+    """
 
     def deco(fn: Rule) -> Rule:
         for op in ops:
+            packet = getattr(op, "overloadpacket", op)
+            if packet in ALIASES:
+                raise AnalysisError(
+                    f"cannot register a rule for {packet}: it is an alias of {ALIASES[packet]}, whose rule it uses; "
+                    f"register {ALIASES[packet]} instead"
+                )
             RULES[op] = fn
         return fn
 
     return deco
 
 
+def register_alias(alias: str, canonical: str) -> None:
+    """Make ``aten.<alias>`` use the rule of ``aten.<canonical>``; checked when registered.
+
+    An alias this torch build lacks is skipped (older and newer releases differ); a canonical op
+    that does not exist or has no rule, or an alias that has a rule of its own, raises at import,
+    so a typo in the table never silently pins an op.
+
+    Args:
+        alias: the alias's ATen name (``"multiply"``).
+        canonical: the ATen name of the op it stands for (``"mul"``), which must have a rule.
+
+    Example::
+
+        register_alias("multiply", "mul")
+        assert rule_for(torch.ops.aten.multiply.Tensor) is rule_for(torch.ops.aten.mul.Tensor)
+    """
+    target = getattr(aten, canonical, None)
+    if target is None or target not in RULES:
+        missing = "has no rule" if target is not None else "does not exist"
+        raise AnalysisError(
+            f"alias aten.{alias} names aten.{canonical}, which {missing}; "
+            f"register a rule for aten.{canonical} first or fix the alias table"
+        )
+    if not hasattr(aten, alias):
+        return
+    packet = getattr(aten, alias)
+    if packet in RULES:
+        raise AnalysisError(
+            f"aten.{alias} has a rule of its own and is listed as an alias of aten.{canonical}: keep one"
+        )
+    ALIASES[packet] = target
+
+
 def rule_for(target: Any) -> Rule | None:
+    """The rule for an op: its overload's, its packet's, its functional form's (``add_`` -> ``add``),
+    each through the alias table (``multiply_`` -> ``multiply`` -> ``mul``); None if it has none.
+
+    Args:
+        target: an FX node's target (an ``OpOverload``, or a Python callable such as ``operator.getitem``).
+
+    Example::
+
+        assert rule_for(torch.ops.aten.multiply_.Tensor) is rule_for(torch.ops.aten.mul.Tensor)
+    """
     if target in RULES:
         return RULES[target]
     packet = getattr(target, "overloadpacket", None)
     if packet is None:
         return None
-    if packet in RULES:
-        return RULES[packet]
-    functional = _functional(packet)
-    return RULES.get(functional) if functional is not packet else None
+    for p in (packet, _functional(packet)):
+        p = ALIASES.get(p, p)
+        if p in RULES:
+            return RULES[p]
+    return None
 
 
 def _functional(packet: Any) -> Any:
@@ -104,6 +171,7 @@ ACTIVATION_NAMES = (
     "relu6",
     "celu",
     "selu",
+    "log_sigmoid",
 )
 ACTIVATIONS = set(_packets(*ACTIVATION_NAMES))
 # One tensor in, same dims out. In-place forms (relu_) reach this rule through rule_for; ops that
@@ -127,7 +195,6 @@ UNARY = _packets(
     "logit",
     "clamp_min",
     "clamp_max",
-    "clip",
     "clone",
     "contiguous",
     "alias",
@@ -154,6 +221,15 @@ UNARY = _packets(
     "_conj",
     "positive",
     "threshold",
+    "tan",
+    "acos",
+    "asin",
+    "atan",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
 )
 # Softmax normalises over a dim: equivariant under any permutation of it, so it moves spaces as a
 # pointwise op does.
@@ -206,7 +282,6 @@ BINARY = _packets(
     "atan2",
     "copysign",
     "floor_divide",
-    "true_divide",
     "hypot",
     "xlogy",
     "clamp",
@@ -751,7 +826,7 @@ def _reshape(ctx: RuleContext) -> Value:
     return ctx.table.reshape(ctx.dims(x) or [], ctx.out_shape())
 
 
-@register(*_packets("transpose", "swapaxes", "swapdims", "transpose_copy"))
+@register(*_packets("transpose", "transpose_copy"))
 def _transpose(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = list(ctx.dims(x) or [])
@@ -832,13 +907,7 @@ def _expand(ctx: RuleContext) -> Value:
 def _repeat(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = ctx.dims(x) or []
-    reps = list(ctx.arg("repeats"))
-    lead = len(reps) - len(d)
-    out = ctx.fresh(reps[:lead])
-    for dd, r in zip(d, reps[lead:]):
-        # tiling: out index = copy * n + i, and every copy is equal
-        out.append(dd if r == 1 else (ctx.table.fresh(as_size(r)), *dd))
-    return out
+    return _repeat_core(ctx, d, list(ctx.arg("repeats")))
 
 
 @register(aten.repeat_interleave)
@@ -919,7 +988,7 @@ def _split(ctx: RuleContext) -> Value:
     return outs
 
 
-@register(aten.cat, aten.concat, aten.concatenate)
+@register(aten.cat)
 def _cat(ctx: RuleContext) -> Value:
     xs = [x for x in ctx.arg("tensors") if isinstance(x, torch.fx.Node)]
     xs = [x for x in xs if ctx.shape_of(x) != [0]]  # legacy empty tensors take no part
@@ -952,11 +1021,16 @@ def _index_select(ctx: RuleContext) -> Value:
     x = ctx.arg("self")
     d = list(ctx.dims(x) or [])
     i = _dim_arg(ctx, len(d))
+    index = ctx.arg("index")
+    picked = _constant_pick(ctx, d[i], index) if d else None
+    if picked is not None:
+        d[i] = picked
+        return d
+    # which entries of dim i land where is the indices' values: dim i is pinned; the output's dim i is the
+    # index's own (0-d: one entry), as advanced indexing's is
     ctx.table.pin(d[i], "index_select with data-dependent indices")
-    # the output's dim i follows the index tensor, and that output dim is fresh and pinned: a space
-    # left free on the index would permute the output where nothing downstream moves with it
-    ctx.table.pin_dims(ctx.dims(ctx.arg("index")) or [], "index_select indices")
-    d[i] = ctx.table.fresh_dim(ctx.out_shape()[i], "index_select output")
+    idd = ctx.dims(index) or []
+    d[i] = idd[0] if idd else ctx.table.fresh_dim(ctx.out_shape()[i])
     return d
 
 
@@ -980,26 +1054,75 @@ def _gather(ctx: RuleContext) -> Value:
 
 @register(aten.index)
 def _index(ctx: RuleContext) -> Value:
+    """Advanced indexing ``x[..., idx, ...]``: ``out[.., i, ..] = x[.., idx[i], ..]``.
+
+    Only the dims the indices consume are order-dependent (which entry lands where is the indices'
+    values): those are pinned. The index tensors' own dims flow to the output, as elementwise ops'
+    do: permuting an index tensor along a dim permutes the output along the matching dim, so Falcon's
+    ``cos[position_ids]`` moves with the positions and leaves every other dim of ``cos`` free. A
+    constant 1-D integer index on one dim (``qkv[..., [-2], :]``) picks fixed units: it cuts the dim
+    like a slice does instead of pinning all of it. Boolean masks yield a data-dependent count of
+    elements in position order: every dim they cover is pinned, and so is their output."""
     x = ctx.arg("self")
     d = ctx.dims(x) or []
     positions: list[int] = []  # the dims of x that the index tensors consume
+    integer: list[torch.fx.Node] = []
+    masked = False
     j = 0
     for ix in ctx.arg("indices"):
         val = ix.meta.get("val") if isinstance(ix, torch.fx.Node) else None
+        is_mask = isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8)
         # a boolean mask stands for one index tensor per mask dim: it consumes that many dims of x
-        n = val.dim() if isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8) else 1
+        n = val.dim() if is_mask else 1
         if ix is not None:
             positions.extend(range(j, j + n))
-            # the indexed output dims follow the index tensors and are pinned: so are the index tensors
-            ctx.table.pin_dims(ctx.dims(ix) or [], "advanced indexing indices")
+            if is_mask:
+                masked = True
+                ctx.table.pin_dims(ctx.dims(ix) or [], "boolean mask indexing keeps elements in position order")
+            else:
+                integer.append(ix)
         j += n
-    ctx.table.pin_dims([d[j] for j in positions], "advanced indexing with data-dependent indices")
     out_shape = ctx.out_shape()
     kept = [dd for j, dd in enumerate(d) if j not in positions]
     n_indexed = len(out_shape) - len(kept)  # dims of the index tensors' broadcast shape
     # adjacent index tensors put their dims where the indexed dims were; separated ones put them first
     at = positions[0] if positions == list(range(positions[0], positions[-1] + 1)) else 0
-    return kept[:at] + ctx.fresh(out_shape[at : at + n_indexed], "indexed") + kept[at:]
+    picked = _constant_pick(ctx, d[positions[0]], integer[0]) if len(positions) == 1 and integer else None
+    if picked is not None:
+        return kept[:at] + [picked] + kept[at:]
+    ctx.table.pin_dims([d[j] for j in positions], "advanced indexing with data-dependent indices")
+    if masked:
+        indexed = ctx.fresh(out_shape[at : at + n_indexed], "boolean mask indexing output")
+    else:
+        slots: list[Dim | None] = [None] * n_indexed
+        for ix in integer:
+            _broadcast_into(ctx, ix, slots, out_shape[at : at + n_indexed])
+        indexed = [s or ctx.table.fresh_dim(n) for s, n in zip(slots, out_shape[at : at + n_indexed])]
+    return kept[:at] + indexed + kept[at:]
+
+
+def _constant_pick(ctx: RuleContext, d: Dim, ix: torch.fx.Node) -> Dim | None:
+    """The units a constant 1-D integer index picks from ``d``, as the concatenation of those one-unit
+    slices (one slice when they are a run); None when the index is not such a constant."""
+    src = ix
+    while isinstance(src, torch.fx.Node) and src.op == "call_function" and _functional(
+        getattr(src.target, "overloadpacket", None)
+    ) in (aten.lift_fresh_copy, aten.clone, aten._to_copy, aten.detach, aten.alias):
+        src = src.args[0]
+    # export keeps the value of a lifted constant on its fake tensor (FakeTensor.constant)
+    value = getattr(src.meta.get("val"), "constant", None) if isinstance(src, torch.fx.Node) else None
+    size = ctx.table.size(d)
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.is_floating_point() or value.numel() == 0:
+        return None
+    if value.dtype in (torch.bool, torch.uint8) or not isinstance(size, int):
+        return None
+    picks = [int(v) + size if int(v) < 0 else int(v) for v in value.tolist()]
+    if any(not 0 <= v < size for v in picks):
+        return None
+    reason = "constant index picks inside a unit"
+    if picks == list(range(picks[0], picks[0] + len(picks))):
+        return ctx.table.slice(d, picks[0], len(picks), reason)
+    return ctx.table.concat([ctx.table.slice(d, v, 1, reason) for v in picks], "constant index")
 
 
 @register(
@@ -1082,3 +1205,181 @@ def _getitem(ctx: RuleContext) -> Value:
 def _scatter(ctx: RuleContext) -> Value:
     ctx.pin_inputs(f"{ctx.op_name()} writes at data-dependent positions")
     return ctx.fresh_like_output(f"{ctx.op_name()} writes at data-dependent positions")
+
+
+# ---------------------------------------------------------------------- ops the transformers catalog met
+@register(*_packets("copy"))
+def _copy(ctx: RuleContext) -> Value:
+    """``copy(self, src)`` / ``self.copy_(src)``: the result is ``src`` broadcast to ``self``'s shape.
+
+    In place, the destination node keeps being read after the copy (and, when it is a view, so is its
+    base): its dims are unified with the source's rather than replaced, so every reader, before or after
+    the write, sees one space. A dim along which ``src`` broadcasts holds equal values after the write:
+    it keeps the destination's own space."""
+    dst, *rest = ctx.tensor_args()
+    out = list(ctx.dims(dst) or [])
+    for src in rest:
+        _broadcast_into(ctx, src, out, ctx.shape_of(dst))  # type: ignore[arg-type]
+    return out
+
+
+@register(*_packets("tile"))
+def _tile(ctx: RuleContext) -> Value:
+    # tile is repeat with the repeats left-padded by ones to the tensor's rank
+    x = ctx.tensor_args()[0]
+    d = ctx.dims(x) or []
+    reps = list(ctx.arg("dims"))
+    return _repeat_core(ctx, d, [1] * (len(d) - len(reps)) + reps)
+
+
+def _repeat_core(ctx: RuleContext, d: Sequence[Dim], reps: Sequence[Any]) -> list[Dim]:
+    lead = len(reps) - len(d)
+    out = ctx.fresh(reps[:lead])
+    for dd, r in zip(d, reps[lead:]):
+        # out index = copy * n + i, and every copy is equal: the copies are a free major factor
+        out.append(dd if r == 1 else (ctx.table.fresh(as_size(r)), *dd))
+    return out
+
+
+@register(*_packets("meshgrid"))
+def _meshgrid(ctx: RuleContext) -> Value:
+    """Every output has the dims ``[len(t0), len(t1), ...]`` (the first two swapped for ``xy``); output
+    k varies along dim k only, so all of them carry input j's space on dim j: a permutation of
+    ``t_j`` permutes output j along j and leaves the others, constant along j, unchanged."""
+    xs = [x for x in ctx.arg("tensors") if isinstance(x, torch.fx.Node)]
+    dims = [(ctx.dims(x) or [ctx.table.fresh_dim(1)])[0] for x in xs]  # 0-d inputs count as size 1
+    if ctx.arg("indexing", "ij") == "xy" and len(dims) >= 2:
+        dims[0], dims[1] = dims[1], dims[0]
+    return [list(dims) for _ in ctx.out_val()]
+
+
+@register(*_packets("log_sigmoid_forward"))
+def _log_sigmoid_forward(ctx: RuleContext) -> Value:
+    # decomposed log_sigmoid: (output, buffer); the buffer is elementwise when it has the input's shape
+    x = ctx.tensor_args()[0]
+    xd = ctx.dims(x) or []
+    if xd:
+        ctx.table.tag(xd[-1], "act")
+    out, buf = ctx.out_val()
+    same = list(buf.shape) == list(out.shape)
+    return [list(xd), list(xd) if same else ctx.fresh_like(buf, "log_sigmoid buffer")]
+
+
+@register(*_packets("upsample_linear1d", "upsample_nearest1d", "_upsample_nearest_exact1d"))
+def _upsample1d(ctx: RuleContext) -> Value:
+    return _pool(ctx, 1)
+
+
+@register(
+    *_packets("upsample_bicubic2d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
+)
+def _upsample2d(ctx: RuleContext) -> Value:
+    return _pool(ctx, 2)
+
+
+@register(*_packets("upsample_trilinear3d", "upsample_nearest3d", "_upsample_nearest_exact3d"))
+def _upsample3d(ctx: RuleContext) -> Value:
+    # resampling interpolates along positions (pinned, fresh outside); channels pass as pooling's do
+    return _pool(ctx, 3)
+
+
+@register(*_packets("bucketize"))
+def _bucketize(ctx: RuleContext) -> Value:
+    """Each element of ``self`` is looked up on its own: its dims pass to the output. The result
+    names a position in ``boundaries``, which must stay in its (sorted) order."""
+    x, boundaries = ctx.arg("self"), ctx.arg("boundaries")
+    ctx.table.pin_dims(ctx.dims(boundaries) or [], "bucketize boundaries are ordered")
+    xd = ctx.dims(x)
+    return list(xd) if xd is not None else ctx.fresh_like_output()
+
+
+@register(*_packets("_weight_norm", "_weight_norm_interface"))
+def _weight_norm(ctx: RuleContext) -> Value:
+    """``w = g * v / ||v||`` with the norm over every dim of ``v`` but ``dim`` (over all of them when
+    ``dim`` is -1): ``g`` (size 1 elsewhere) is per unit of that dim, and the norm, a reduction, is
+    invariant under permutations of the dims it spans, so ``w`` has ``v``'s dims."""
+    v, g = ctx.arg("v"), ctx.arg("g")
+    vd, gd = ctx.dims(v) or [], ctx.dims(g) or []
+    dim = ctx.arg("dim", 0)
+    kept = {_norm_dim(dim, len(vd))} if dim != -1 and vd else set()
+    for i, d in enumerate(vd):
+        if i in kept:
+            if i < len(gd):
+                ctx.unify(gd[i], d)
+        else:
+            # removing units of a reduced dim changes the norm of every kept unit: pruning must know
+            ctx.table.mark(d, "normalized")
+    val = ctx.out_val()
+    if isinstance(val, list | tuple):  # _weight_norm_interface: (w, norms shaped like g)
+        return [list(vd), list(gd) if list(val[1].shape) == ctx.shape_of(g) else ctx.fresh_like(val[1], "norms")]
+    return list(vd)
+
+
+@register(*_packets("im2col"))
+def _im2col(ctx: RuleContext) -> Value:
+    """``[N, C, H, W] -> [N, C * kh * kw, L]``: channel-major, each channel's kernel taps minor. The
+    channels pass as the major factor; taps and sliding positions are positions (pinned)."""
+    x = ctx.tensor_args()[0]
+    xd = ctx.dims(x) or []
+    kh, kw = ctx.arg("kernel_size")
+    ctx.table.pin_dims(xd[-2:], "im2col input positions")
+    out_shape = ctx.out_shape()
+    taps = ctx.table.fresh(kh * kw, "im2col kernel positions")
+    return [*xd[:-3], (*xd[-3], taps), ctx.table.fresh_dim(out_shape[-1], "im2col sliding positions")]
+
+
+@register(*_packets("col2im"))
+def _col2im(ctx: RuleContext) -> Value:
+    """The inverse of im2col: ``[N, C * kh * kw, L] -> [N, C, H, W]`` sums each channel's taps back into
+    its own plane, so the major factor C passes."""
+    x = ctx.tensor_args()[0]
+    xd = ctx.dims(x) or []
+    kh, kw = ctx.arg("kernel_size")
+    out_shape = ctx.out_shape()
+    c = ctx.table.fresh(out_shape[-3])
+    ctx.unify(xd[-2], (c, ctx.table.fresh(kh * kw, "col2im kernel positions")))
+    ctx.table.pin(xd[-1], "col2im sliding positions")
+    return [*xd[:-2], (c,), *ctx.fresh(out_shape[-2:], "col2im output positions")]
+
+
+# ---------------------------------------------------------------------- aliases
+# ATen's aliases (native_functions.yaml states them only in comments, and torch keeps no table of them at
+# runtime): each resolves to its canonical op's rule. Checked here, after every rule above is registered.
+for _alias, _canonical in (
+    ("multiply", "mul"),
+    ("divide", "div"),
+    ("true_divide", "div"),
+    ("subtract", "sub"),
+    ("greater", "gt"),
+    ("greater_equal", "ge"),
+    ("less", "lt"),
+    ("less_equal", "le"),
+    ("not_equal", "ne"),
+    ("absolute", "abs"),
+    ("negative", "neg"),
+    ("fix", "trunc"),
+    ("clip", "clamp"),
+    ("arccos", "acos"),
+    ("arcsin", "asin"),
+    ("arctan", "atan"),
+    ("arccosh", "acosh"),
+    ("arcsinh", "asinh"),
+    ("arctanh", "atanh"),
+    ("arctan2", "atan2"),
+    ("special_expit", "sigmoid"),
+    ("special_logit", "logit"),
+    ("special_expm1", "expm1"),
+    ("special_log1p", "log1p"),
+    ("special_erf", "erf"),
+    ("special_round", "round"),
+    ("special_softmax", "softmax"),
+    ("special_log_softmax", "log_softmax"),
+    ("special_xlogy", "xlogy"),
+    ("concat", "cat"),
+    ("concatenate", "cat"),
+    ("swapaxes", "transpose"),
+    ("swapdims", "transpose"),
+    ("moveaxis", "movedim"),
+    ("linalg_matmul", "matmul"),
+):
+    register_alias(_alias, _canonical)
