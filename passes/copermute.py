@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from sparsify_fx.analysis import Group
+from sparsify_fx.analysis import Group, Member
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.frontend.graph import alias_key
 from sparsify_fx.passes.surgery import Journal, get_module, get_tensor, split_fqn, unwrap
@@ -73,11 +73,19 @@ def permute(model: nn.Module, group: Group, perm: Sequence[int] | torch.Tensor,
     with nullcontext(journal) if journal is not None else Journal(model_) as j:
         done: set[tuple[int, ...]] = set()  # tied parameters appear once
         for m, t in tensors:
-            key = (*alias_key(t), m.dim)
+            key = (*alias_key(t), m.dim, m.expert)
             if key in done:
                 continue
             done.add(key)
             idx = m.index(p).to(t.device)
-            j.copy_(t, lambda t=t, m=m, idx=idx: t.index_select(m.dim, idx))
+            j.copy_(t, lambda t=t, m=m, idx=idx: _permuted(t, m, idx))
     return model
 
+
+def _permuted(t: torch.Tensor, m: Member, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``idx`` applied along ``m.dim``; for one expert of a stacked weight, to that slice only."""
+    if m.expert is None:
+        return t.index_select(m.dim, idx)
+    out = t.clone()
+    out[m.expert] = t[m.expert].index_select(m.dim - 1, idx)
+    return out

@@ -23,15 +23,31 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
 from sparsify_fx.errors import ConfigError
-from sparsify_fx.passes._batch import batch_loss, calibrate
 from sparsify_fx.passes.copermute import permute
 from sparsify_fx.passes.hf import drop_checkpointing_grads, keep_checkpointing_grads
+from sparsify_fx.passes.importance import (
+    Calibration,
+    Combine,
+    Feed,
+    Importance,
+    Units,
+    UnitSlice,
+    option,
+    resolve,
+    select,
+)
 from sparsify_fx.passes.layers import layer_type
+from sparsify_fx.passes.s2ft_conv import (
+    CONV_PROJECTIONS,
+    S2FTConv,
+    conv_projections,
+    drop_untrainable_convs,
+    is_conv,
+)
 from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, require_values, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
@@ -41,10 +57,19 @@ log = logging.getLogger("sparsify_fx")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o", "qkv")
 FFN_PROJECTIONS = ("gate", "up", "down")
 Strategy = Literal["random", "magnitude", "gradient", "activation"]
+STRATEGIES = ("random", "magnitude", "gradient", "activation")  # names from importance.IMPORTANCES
 
 
 class ZeroUnitsWarning(UserWarning):
     """A ratio rounds to zero units of a kind somewhere: that kind trains nothing there."""
+
+
+class SubstitutedProjectionWarning(UserWarning):
+    """The default projections do not exist as such in a model, so the closest ones train instead (see describe)."""
+
+
+# the S²FT paper's choice; where v has no rows of its own per head, this default trains the closest projections
+DEFAULT_ATTENTION = ("v", "o")
 
 
 def _is_int(x: Any) -> bool:
@@ -76,21 +101,38 @@ class S2FTConfig:
       in-place updates land in the weight); ``"separate"`` gives them their own storage (needed when
       parameters are sharded, e.g. FSDP2).
     - ``progress``: show a progress bar over the calibration batches.
+    - ``min_units``: every layer trains at least this many units of each kind it has (when no ``budget`` is
+      set), so a ratio that rounds to zero units in a small layer (0.1 of 4 heads) still trains one. ``0``
+      lets ratios round to zero units (with a :class:`ZeroUnitsWarning`).
+    - ``conv`` / ``conv_ratio``: conv channel groups (a conv's output channels, its BatchNorm, the next conv's
+      input channels): ``out`` trains the producing convs' rows, ``in`` the consuming layers' input channels.
+      Where one conv would train rows for one group and columns for another (a bottleneck's middle conv), its
+      rows train and the columns are left out (:func:`describe` says so).
+
+    The default ``attention=("v", "o")`` trains the closest projections where v has no rows of its own:
+    where q, k and v interleave inside each head (GPT-NeoX) the v rows of each selected head train inside
+    the fused weight; where they cannot be located the whole heads train (``qkv``); under multi-query
+    attention (one shared k/v head) q and o heads train. Each substitution warns
+    (:class:`SubstitutedProjectionWarning`) and is shown by :func:`describe`. Other explicit projection
+    lists are taken literally.
     """
 
-    attention: tuple[str, ...] = ("v", "o")
+    attention: tuple[str, ...] = DEFAULT_ATTENTION
     ffn: tuple[str, ...] = ("up", "down")
     attention_ratio: float = 0.1
     ffn_ratio: float = 0.1
     budget: int | None = None
     scope: Literal["per_layer", "global"] = "per_layer"
     layers: Sequence[int] | None = None
-    strategy: Strategy = "random"
+    strategy: Strategy | Importance = "random"
     seed: int = 0
     calibration: Iterable[Any] | None = field(default=None, repr=False)
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = field(default=None, repr=False)
     layout: Literal["view", "separate"] = "view"
     progress: bool = True
+    min_units: int = 1
+    conv: tuple[str, ...] = CONV_PROJECTIONS
+    conv_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         # ffn="up" names one projection; iterated as a string it would be the projections "u" and "p"
@@ -103,6 +145,8 @@ class S2FTConfig:
             self.attention = tuple(self.attention)
         if isinstance(self.ffn, list):
             self.ffn = tuple(self.ffn)
+        if isinstance(self.conv, str | list):
+            self.conv = (self.conv,) if isinstance(self.conv, str) else tuple(self.conv)
 
     def validate(self) -> None:
         """Check every field's type and range; raises :class:`ConfigError` naming the field, the value and the fix.
@@ -113,7 +157,8 @@ class S2FTConfig:
         Example:
             >>> S2FTConfig(attention_ratio=0.25).validate()
         """
-        for name, known in (("attention", ATTENTION_PROJECTIONS), ("ffn", FFN_PROJECTIONS)):
+        for name, known in (("attention", ATTENTION_PROJECTIONS), ("ffn", FFN_PROJECTIONS),
+                            ("conv", CONV_PROJECTIONS)):
             projs = getattr(self, name)
             if isinstance(projs, str) or not isinstance(projs, Sequence):
                 raise ConfigError(
@@ -123,7 +168,7 @@ class S2FTConfig:
             bad = [p for p in projs if not isinstance(p, str) or p not in known]
             if bad:
                 raise ConfigError(f"S2FTConfig.{name} has unknown projection(s) {bad}; choose from {list(known)}.")
-        for name in ("attention_ratio", "ffn_ratio"):
+        for name in ("attention_ratio", "ffn_ratio", "conv_ratio"):
             r = getattr(self, name)
             if not _is_real(r) or not math.isfinite(r) or not (0 < r <= 1):
                 raise ConfigError(f"S2FTConfig.{name} must be a finite number in (0, 1], got {r!r}.")
@@ -153,9 +198,11 @@ class S2FTConfig:
                     f"S2FTConfig.layers names layer(s) {repeated} more than once in {list(self.layers)!r}; "
                     "list each layer once."
                 )
-        if self.strategy not in ("random", "magnitude", "gradient", "activation"):
+        if not isinstance(self.strategy, Importance) and (not isinstance(self.strategy, str)
+                                                           or self.strategy not in STRATEGIES):
             raise ConfigError(
-                f"S2FTConfig.strategy must be random, magnitude, gradient or activation, got {self.strategy!r}."
+                f"S2FTConfig.strategy must be random, magnitude, gradient or activation, got {self.strategy!r}; "
+                "or pass an Importance (sparsify_fx.passes.importance) to rank units your way."
             )
         if not _is_int(self.seed):
             raise ConfigError(f"S2FTConfig.seed must be an int, got {self.seed!r}; e.g. seed=0.")
@@ -169,20 +216,27 @@ class S2FTConfig:
             raise ConfigError(
                 f"S2FTConfig.loss_fn must be a callable (model, batch) -> loss or None, got {self.loss_fn!r}."
             )
-        if self.strategy in ("gradient", "activation") and self.calibration is None:
-            raise ConfigError(f"strategy={self.strategy!r} needs calibration batches: pass calibration=[...].")
+        imp = resolve(self.strategy)
+        if (imp.needs_batches or imp.needs_loss) and self.calibration is None:
+            raise ConfigError(f"{option('strategy', self.strategy)} needs calibration batches: pass calibration=[...].")
         if self.layout not in ("view", "separate"):
             raise ConfigError(f"S2FTConfig.layout must be 'view' or 'separate', got {self.layout!r}.")
         if not isinstance(self.progress, bool):
             raise ConfigError(f"S2FTConfig.progress must be True or False, got {self.progress!r}.")
-        if not self.attention and not self.ffn:
-            raise ConfigError("S2FTConfig trains nothing: both attention and ffn projections are empty.")
+        if not _is_int(self.min_units) or self.min_units < 0:
+            raise ConfigError(
+                f"S2FTConfig.min_units must be a non-negative int (units per layer and kind), got "
+                f"{self.min_units!r}; 1 trains at least one unit per layer, 0 lets ratios round to none."
+            )
+        if not self.attention and not self.ffn and not self.conv:
+            raise ConfigError("S2FTConfig trains nothing: the attention, ffn and conv projections are all empty.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("calibration")
         d.pop("loss_fn")
         d.pop("progress")  # how the transform ran, not what it trained
+        d["strategy"] = self.strategy if isinstance(self.strategy, str) else repr(self.strategy)  # JSON-safe
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
 
@@ -205,18 +259,27 @@ class Unit:
     """A coupled group chosen for training, with its selected units in original indices."""
 
     group: Group
-    kind: Literal["attention", "ffn"]
+    kind: Literal["attention", "ffn", "conv"]
     projections: dict[str, list[tuple[Member, Occurrence]]]
     selected: list[int] = field(default_factory=list)
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # trained weights' shapes
+    # (weight fqn, occurrence) -> (offset, length) inside each unit of the "v" projection: only that part of the
+    # unit trains (the v rows of a head whose q, k and v rows interleave in one fused weight)
+    parts: dict[tuple[str, Occurrence], tuple[int, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was trained in place of the config's choice, and why
+
+    def part(self, proj: str, m: Member, occ: Occurrence) -> tuple[int, int] | None:
+        """(offset, length) of the part of each unit that projection ``proj`` trains in ``occ``; None: all of it."""
+        return self.parts.get((m.fqn, occ)) if proj == "v" else None
 
     @property
     def cost_per_unit(self) -> int:
         """Trainable parameters one unit adds (its slices of every trained projection)."""
         return sum(
-            occ.inner * len(occ.offsets) * _across(self.shapes[m.fqn], m.dim)
-            for pairs in self.projections.values()
+            ((p[1] if (p := self.part(name, m, occ)) else occ.inner) * len(occ.offsets))
+            * _across(self.shapes[m.fqn], m.dim)
+            for name, pairs in self.projections.items()
             for m, occ in pairs
         )
 
@@ -255,12 +318,28 @@ def _projections_of(group: Group) -> dict[str, list[tuple[Member, Occurrence]]]:
                 else:
                     name = "up"
                 out.setdefault(name, []).append((m, occ))
+    elif group.kind == "conv_channels":
+        return conv_projections(group)
     return out
+
+
+class ExpertsSkippedWarning(UserWarning):
+    """Mixture-of-experts channels in stacked 3-D weights were left frozen."""
+
+
+def _stacked_experts(model: nn.Module, g: Group) -> bool:
+    """Whether a group moves slices of stacked expert weights ([experts, ...]): S2FTLinear trains 2-D
+    linears, so these channels are skipped (each expert's slice would need its own block layout)."""
+    return g.expert is not None or any(
+        not m.is_buffer and m.role in ("in", "out") and _tensor(model, m.fqn).dim() > 2 for m in g.members
+    )
 
 
 def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Unit]:
     units: list[Unit] = []
-    found = {"attention": set(), "ffn": set()}
+    found = {"attention": set(), "ffn": set(), "conv": set()}
+    substituted: dict[str, list[int | None]] = {}  # note -> layers where the default trains something closer
+    skipped_experts: list[str] = []
     by_layer: dict[int | None, list[Group]] = {}
     for g in report.groups:
         by_layer.setdefault(g.layer, []).append(g)
@@ -272,12 +351,25 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
         heads.sort(key=lambda g: (g.kind != "kv_heads", g.name))
         for g in heads[:1]:
             projs = _projections_of(g)
+            parts = _locate_fused_v(report, g, projs)
+            if parts:
+                projs["v"] = list(projs["qkv"])
             found["attention"] |= set(projs)
             if cfg.attention:
-                chosen = {p: projs[p] for p in cfg.attention if p in projs}
+                wanted, note = _closest_attention(cfg.attention, projs)
+                if note:
+                    substituted.setdefault(note, []).append(layer)
+                chosen = {p: projs[p] for p in wanted if p in projs}
                 if chosen:
-                    units.append(Unit(g, "attention", chosen))
+                    notes = [note] if note else []
+                    if parts and "v" in chosen:
+                        notes.append("v rows of each selected head train inside the fused q/k/v weight, one block "
+                                     "per head")
+                    units.append(Unit(g, "attention", chosen, parts=parts if "v" in chosen else {}, notes=notes))
         for g in (g for g in groups if g.kind == "ffn_channels"):
+            if _stacked_experts(model, g):
+                skipped_experts.append(g.name)
+                continue
             projs = _projections_of(g)
             if "down" not in projs:
                 continue
@@ -286,7 +378,26 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
                 chosen = {p: projs[p] for p in cfg.ffn if p in projs}
                 if chosen:
                     units.append(Unit(g, "ffn", chosen))
-    for kind, wanted in (("attention", cfg.attention), ("ffn", cfg.ffn)):
+        for g in (g for g in groups if g.kind == "conv_channels"):
+            projs = _projections_of(g)
+            found["conv"] |= set(projs)
+            chosen = {p: projs[p] for p in cfg.conv if p in projs}
+            if chosen:
+                units.append(Unit(g, "conv", chosen))
+    for note, layers in substituted.items():
+        warnings.warn(f"S²FT: {note} (layers {layers}).", SubstitutedProjectionWarning, stacklevel=3)
+        found["attention"] |= set(DEFAULT_ATTENTION)  # the default is satisfied by its closest projections
+    if skipped_experts and cfg.ffn:
+        warnings.warn(
+            f"S²FT: {len(skipped_experts)} expert channel group(s) live in stacked 3-D expert weights "
+            f"({skipped_experts[0]}, ...), which S²FT cannot train yet; their experts stay frozen and the "
+            "budget goes to the other groups. Train the attention (the default) or the shared experts.",
+            ExpertsSkippedWarning,
+            stacklevel=3,
+        )
+    # the default conv projections are whatever each group has (a group consumed by pooling has no columns)
+    explicit_conv = (("conv", cfg.conv),) if tuple(cfg.conv) != CONV_PROJECTIONS else ()
+    for kind, wanted in (("attention", cfg.attention), ("ffn", cfg.ffn), *explicit_conv):
         missing = [p for p in wanted if p not in found[kind]]
         if missing and found[kind]:
             hint = ""
@@ -300,8 +411,11 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
             )
         if wanted and not found[kind] and any(u.kind != kind for u in units):
             # the other kind trains: say what is left out rather than fail a default config
-            kinds = ("attention_heads", "kv_heads") if kind == "attention" else ("ffn_channels",)
+            kinds = {"attention": ("attention_heads", "kv_heads"), "ffn": ("ffn_channels",),
+                     "conv": ("conv_channels",)}[kind]
             reasons = sorted({r for p in report.pinned if p.kind in kinds for r in p.reasons})
+            if found["conv"] and not reasons:
+                continue  # a conv net without attention (or FFN) layers: nothing is left out
             why = f": pinned by {'; '.join(reasons[:3])}" if reasons else ""
             warnings.warn(
                 f"S²FT: this model has no {kind} unit that can be trained{why}. Only the other kind trains; "
@@ -320,141 +434,164 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
             for p in pinned[:6]
         )
         raise ConfigError(
-            "S²FT found nothing to train: no attention-head or FFN-channel group with the requested projections."
+            "S²FT found nothing to train: no attention-head, FFN-channel or conv-channel group with the requested "
+            "projections."
             + (f" These spaces are pinned (not permutable), so they cannot be selected:{detail}" if pinned else "")
         )
+    units = _one_side_per_weight(drop_untrainable_convs(units, model))
+    # a unit that recurs at several offsets of a weight (a within-head channel, once per head: CvT, Funnel) trains
+    # one block per offset; _swap_plan lays them out
     for u in units:
         u.shapes = {m.fqn: tuple(_tensor(model, m.fqn).shape) for pairs in u.projections.values() for m, _ in pairs}
-        for name, pairs in u.projections.items():
-            for m, occ in pairs:
-                if len(occ.offsets) != 1:
-                    raise ConfigError(
-                        f"{m.fqn}: the {name} units of {u.group.name} are interleaved with other units and "
-                        "cannot form one contiguous block; drop that projection from the config."
-                    )
     return units
 
 
+def _locate_fused_v(report: CouplingReport, heads: Group,
+                    projs: dict[str, list[tuple[Member, Occurrence]]]) -> dict[tuple[str, Occurrence], tuple[int, int]]:
+    """Where v's rows sit inside each head of a fused weight whose q, k and v rows interleave per head (GPT-NeoX).
+
+    The attention output that ``o`` contracts is ``attention @ v``, so v's feature dims are the ones coupled with
+    o's columns inside a head: another group of the report holds both (the within-head group). Its rows in the
+    fused weight, relative to each head's base, give one (offset, length) that must be the same for every head
+    and as long as o's per-head width; anything else (no such group, rows scattered or of another width) returns
+    ``{}`` and the caller falls back to the closest projections.
+
+    Args:
+        report: the model's coupling report.
+        heads: the head group (attention or kv heads).
+        projs: ``_projections_of(heads)``.
+
+    Example:
+        >>> _locate_fused_v(report, group, _projections_of(group))  # doctest: +SKIP
+        {('gpt_neox.layers.0.attention.query_key_value.weight', Occurrence((0,), 4, 48, ...)): (32, 16)}
+    """
+    fused, outs = projs.get("qkv", []), projs.get("o", [])
+    if not fused or not outs or "v" in projs:
+        return {}
+    o_dims = {(m.fqn, m.dim) for m, _ in outs}
+    o_width = {occ.inner for _, occ in outs}
+    parts: dict[tuple[str, Occurrence], tuple[int, int]] = {}
+    for m, occ in fused:
+        if "v" not in occ.tags:
+            return {}
+        rows: set[int] = set()
+        for g in report.groups:
+            if g is heads or not any((x.fqn, x.dim) in o_dims for x in g.members):
+                continue
+            for x in g.member(m.fqn):
+                if x.dim == m.dim:
+                    rows.update(r for o in x.occurrences for b in o.offsets for r in range(b, b + o.units * o.inner))
+        found = set()
+        for base in occ.offsets:
+            for u in range(occ.units):
+                lo = base + u * occ.inner
+                inside = sorted(r - lo for r in rows if lo <= r < lo + occ.inner)
+                if not inside or inside[-1] - inside[0] + 1 != len(inside):
+                    return {}
+                found.add((inside[0], len(inside)))
+        if len(found) != 1 or next(iter(found))[1] not in o_width:
+            return {}
+        parts[(m.fqn, occ)] = found.pop()
+    return parts
+
+
+def _lift_to_min_units(units: list[Unit], scores: dict[str, torch.Tensor], cfg: S2FTConfig) -> None:
+    """Top every unit's selection up to ``cfg.min_units`` (or all its units) with its best-scored unselected ones.
+
+    Ratios round per layer, so the default 0.1 selects no head of a 4-head layer; one head per layer is what
+    a user of the default expects to train. A ``budget`` is a hard cap, so it is left alone there.
+
+    Args:
+        units: the planned units, after the ratio selection.
+        scores: unit scores by group name (higher trains first).
+        cfg: the config (``min_units``, ``budget``).
+
+    Example:
+        >>> _lift_to_min_units(units, scores, S2FTConfig())  # doctest: +SKIP
+    """
+    if cfg.budget is not None or cfg.min_units == 0:
+        return
+    for u in units:
+        need = min(cfg.min_units, u.group.num_units)
+        if len(u.selected) >= need:
+            continue
+        have = set(u.selected)
+        ranked = torch.argsort(scores[u.group.name], descending=True, stable=True).tolist()
+        extra = [i for i in ranked if i not in have][: need - len(have)]
+        log.info("S²FT: %s selects %d of %d units by ratio; min_units=%d adds %s", u.group.name, len(have),
+                 u.group.num_units, cfg.min_units, extra)
+        u.selected = sorted(have | set(extra))
+
+
+def _closest_attention(wanted: Sequence[str], projs: dict[str, list]) -> tuple[tuple[str, ...], str]:
+    """The attention projections to train for ``wanted`` in a head group offering ``projs``, and a note when the
+    default (v, o) trains something closer instead; explicit other choices are taken literally.
+
+    Example:
+        >>> _closest_attention(("v", "o"), {"q": [], "o": []})[0]
+        ('q', 'o')
+    """
+    if tuple(wanted) != DEFAULT_ATTENTION or "v" in projs or "o" not in projs:
+        return tuple(wanted), ""
+    if "qkv" in projs:
+        return ("qkv", "o"), ("q, k and v rows interleave inside each head and v's rows could not be located, so "
+                              "the whole heads of the fused weight train (qkv+o) in place of v+o")
+    if "q" in projs:
+        return ("q", "o"), ("multi-query attention shares one k/v head among all query heads, so q+o heads train "
+                            "in place of v+o")
+    return ("o",), "no v rows per head here, so only o heads train in place of v+o"
+
+
+def _one_side_per_weight(units: list[Unit]) -> list[Unit]:
+    """Train each weight along one dim only: in a chain of linears (Linear, ReLU, Linear, ...) a middle weight is
+    the consumer of one group (columns) and the producer of the next (rows), and S2FTLinear's blocks run along
+    one dim. The weight trains as the producer (its rows; the other group keeps its other weights), so no
+    model is refused for it; a unit left with nothing to train is dropped."""
+    dims: dict[str, dict[int, str | None]] = {}
+    for u in units:
+        for pairs in u.projections.values():
+            for m, _ in pairs:
+                dims.setdefault(m.fqn, {})[m.dim] = m.role
+    keep = {f: next((d for d, r in sorted(ds.items()) if r == "out"), min(ds)) for f, ds in dims.items()}
+    out = []
+    for u in units:
+        dropped = sorted({m.fqn for pairs in u.projections.values() for m, _ in pairs if m.dim != keep[m.fqn]})
+        if dropped:
+            u.projections = {name: kept for name, pairs in u.projections.items()
+                             if (kept := [(m, o) for m, o in pairs if m.dim == keep[m.fqn]])}
+            u.notes.append(f"{', '.join(dropped)} trains on its output side with the group it produces, not on "
+                           "its input side here (a weight trains along one dim)")
+        if u.projections:
+            out.append(u)
+    return out
+
+
 # ---------------------------------------------------------------------- scoring
-def _unit_view(t: torch.Tensor, m: Member, occ: Occurrence) -> torch.Tensor:
-    """[units, rest] view of a weight's occurrence: row u holds everything unit u owns."""
-    base = occ.offsets[0]
-    seg = t.narrow(m.dim, base, occ.units * occ.inner).movedim(m.dim, 0)
-    return seg.reshape(occ.units, -1)
+def _ranked(u: Unit) -> Units:
+    """How S²FT describes a unit to an importance: the slices it would train (summed), observed at its consumer's
+    input (unweighted: S²FT retrains the consumer's columns)."""
+    weights = [UnitSlice.span(m.fqn, m.dim, occ, m.role) for pairs in u.projections.values() for m, occ in pairs]
+    consumer = next((m for m in u.group.members if m.role == "in" and not m.is_buffer), None)
+    axis = -1
+    if u.kind == "conv":
+        # a conv reads its channels along input axis 1; only a consumer whose shape the plan knows can say which
+        consumer = next((m for m, _ in u.projections.get("in", [])), None)
+        axis = 1 if consumer is not None and len(u.shapes.get(consumer.fqn, ())) > 2 else -1
+    feeds = []
+    if consumer is not None:
+        sl = UnitSlice.span(consumer.fqn, consumer.dim, consumer.occurrences[0], "in")
+        feeds.append(Feed(sl.module, axis, sl, weigh=False))
+    return Units(u.group.name, u.group.num_units, weights, feeds, Combine.SUM, torch.float32)
 
 
 def _score(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(cfg.seed)
-    if cfg.strategy == "random":
-        return {u.group.name: torch.rand(u.group.num_units, generator=g) for u in units}
-    if cfg.strategy == "magnitude":
-        out = {}
-        for u in units:
-            s = torch.zeros(u.group.num_units)
-            for pairs in u.projections.values():
-                for m, occ in pairs:
-                    s += _unit_view(_tensor(model, m.fqn).detach().float(), m, occ).pow(2).sum(1)
-            if not torch.isfinite(s).all():
-                raise ConfigError(
-                    f"strategy='magnitude': the weights of {u.group.name} ({', '.join(sorted(_fqns(u)))}) hold "
-                    "NaN/inf values (or overflow float32 when squared), so units cannot be ranked; repair the "
-                    "checkpoint or use strategy='random'."
-                )
-            out[u.group.name] = s
-        return out
-    if cfg.strategy == "gradient":
-        return _gradient_scores(model, units, cfg)
-    return _activation_scores(model, units, cfg)
-
-
-def _batches(cfg: S2FTConfig, what: str) -> list[Any]:
-    batches = list(cfg.calibration or [])
-    if not batches:
-        raise ConfigError(f"strategy={cfg.strategy!r} needs at least one calibration batch for {what}.")
-    return batches
-
-
-def _gradient_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
-    """Fisher information per unit: sum over batches of squared gradients of its weight slices."""
-    params = {m.fqn: _tensor(model, m.fqn) for u in units for pairs in u.projections.values() for m, _ in pairs}
-    saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
-    scores = {u.group.name: torch.zeros(u.group.num_units) for u in units}
-    try:
-        for p in params.values():
-            p.requires_grad_(True)
-            p.grad = None
-        batches = _batches(cfg, "gradient scores")
-        for b, batch in enumerate(
-            tqdm(batches, desc="s2ft calibration (gradient)", disable=not cfg.progress, leave=False)
-        ):
-            loss = batch_loss(model, batch, cfg.loss_fn, "strategy='gradient'")
-            # a NaN loss gives NaN scores, and sorting NaNs ranks units arbitrarily: refuse instead
-            if not torch.isfinite(loss.detach()).all():
-                raise ConfigError(
-                    f"strategy='gradient': calibration batch {b} gives a non-finite loss ({loss.item()}), so its "
-                    "gradients cannot rank units; drop or fix that batch (or the loss_fn), or use "
-                    "strategy='magnitude'."
-                )
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            by_name = dict(zip(params, grads))
-            for u in units:
-                for pairs in u.projections.values():
-                    for m, occ in pairs:
-                        gr = by_name[m.fqn]
-                        if gr is None:
-                            continue
-                        contrib = _unit_view(gr.float(), m, occ).pow(2).sum(1)
-                        if not torch.isfinite(contrib).all():
-                            raise ConfigError(
-                                f"strategy='gradient': calibration batch {b} gives non-finite gradients of "
-                                f"{m.fqn}, so they cannot rank units; drop or fix that batch, or use "
-                                "strategy='magnitude'."
-                            )
-                        scores[u.group.name] += contrib
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(saved[n][0])
-            p.grad = saved[n][1]
-    return scores
-
-
-def _activation_scores(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
-    """Norm of each unit's output: the input a unit feeds into its consumer (o_proj / down_proj)."""
-    scores = {u.group.name: torch.zeros(u.group.num_units) for u in units}
-    batch_no = [-1]
-
-    def count(_mod, _args):
-        # the model's own pre-hook fires once per batch, before any inner module's
-        batch_no[0] += 1
-
-    hooks: list[tuple[nn.Module, Callable]] = [(model, count)]
-    for u in units:
-        consumer = next((m for m in u.group.members if m.role == "in" and not m.is_buffer), None)
-        if consumer is None:
-            continue
-        mod_name = consumer.fqn.rpartition(".")[0]
-        mod = model.get_submodule(mod_name)
-        occ = consumer.occurrences[0]
-
-        def hook(_mod, args, u=u, occ=occ, _mod_name=mod_name):
-            x = args[0].detach().float()
-            seg = x.narrow(-1, occ.offsets[0], occ.units * occ.inner).reshape(-1, occ.units, occ.inner)
-            contrib = seg.pow(2).sum(dim=(0, 2))
-            if not torch.isfinite(contrib).all():
-                raise ConfigError(
-                    f"strategy='activation': calibration batch {batch_no[0]} gives non-finite activations (NaN/inf) "
-                    f"at the input of {_mod_name}, so they cannot rank units; drop or fix that batch, or use "
-                    "strategy='magnitude'."
-                )
-            scores[u.group.name] += contrib
-
-        hooks.append((mod, hook))
-    calibrate(model, hooks, _batches(cfg, "activation scores"), "s2ft calibration (activation)", cfg.progress)
-    return scores
+    calib = Calibration(list(cfg.calibration or []), cfg.loss_fn, option("strategy", cfg.strategy), "strategy",
+                        progress=cfg.progress)
+    return resolve(cfg.strategy, cfg.seed)(model, [_ranked(u) for u in units], calib)
 
 
 def _select(units: list[Unit], scores: dict[str, torch.Tensor], cfg: S2FTConfig) -> None:
-    ratio = {"attention": cfg.attention_ratio, "ffn": cfg.ffn_ratio}
+    ratio = {"attention": cfg.attention_ratio, "ffn": cfg.ffn_ratio, "conv": cfg.conv_ratio}
     if cfg.budget is not None:
         # one scale s on both ratios so that the trainable parameter count fits the budget
         def cost(scale: float) -> int:
@@ -466,39 +603,24 @@ def _select(units: list[Unit], scores: dict[str, torch.Tensor], cfg: S2FTConfig)
             lo, hi = (mid, hi) if cost(mid) <= cfg.budget else (lo, mid)
         ratio = {k: min(1.0, v * lo) for k, v in ratio.items()}
     if cfg.scope == "per_layer":
-        for u in units:
-            k = _count(u, ratio[u.kind])
-            u.selected = sorted(torch.argsort(scores[u.group.name], descending=True)[:k].tolist())
+        picks = select([scores[u.group.name] for u in units], [_count(u, ratio[u.kind]) for u in units], highest=True)
+        for u, p in zip(units, picks):
+            u.selected = p
     else:
-        for kind in ("attention", "ffn"):
-            pool = [
-                (s.item(), i, j)
-                for i, u in enumerate(units)
-                if u.kind == kind
-                for j, s in enumerate(scores[u.group.name])
-            ]
-            total = sum(u.group.num_units for u in units if u.kind == kind)
-            k = int(round(ratio[kind] * total)) if cfg.budget is None else None
-            pool.sort(reverse=True)
-            spent = 0
-            picked: dict[int, list[int]] = {}
-            for n, (_, i, j) in enumerate(pool):
-                if k is not None and n >= k:
-                    break
-                if k is None:
-                    c = units[i].cost_per_unit
-                    if spent + c > cfg.budget * _share(units, kind, ratio):
-                        continue
-                    spent += c
-                picked.setdefault(i, []).append(j)
-            for i, u in enumerate(units):
-                if u.kind == kind:
-                    u.selected = sorted(picked.get(i, []))
-    # with a budget the ratios only weigh the kinds, so a kind left out is the budget's choice, not a rounding slip
-    hints = _zero_unit_hints(units, cfg) if cfg.budget is None else []
+        for kind in ratio:
+            of_kind = [u for u in units if u.kind == kind]
+            k = int(round(ratio[kind] * sum(u.group.num_units for u in of_kind))) if cfg.budget is None else None
+            admit = _within(of_kind, cfg.budget * _share(units, kind, ratio)) if cfg.budget is not None else None
+            picks = select([scores[u.group.name] for u in of_kind], k, highest=True, admit=admit)
+            for u, p in zip(of_kind, picks):
+                u.selected = p
+    _lift_to_min_units(units, scores, cfg)
+    # with a budget the ratios only weigh the kinds, so a kind left out is the budget's choice, not a rounding slip;
+    # with min_units no layer is left out
+    hints = _zero_unit_hints(units, cfg) if cfg.budget is None and cfg.min_units == 0 else []
     if not any(u.selected for u in units):
         raise ConfigError(
-            "the ratios/budget select no unit at all; raise attention_ratio/ffn_ratio or the budget "
+            "the ratios/budget select no unit at all; raise attention_ratio/ffn_ratio/conv_ratio or the budget "
             f"(smallest unit costs {min(u.cost_per_unit for u in units)} parameters)."
             + "".join(f" {h}" for h in hints)
         )
@@ -506,12 +628,26 @@ def _select(units: list[Unit], scores: dict[str, torch.Tensor], cfg: S2FTConfig)
         warnings.warn(f"S²FT: {h}", ZeroUnitsWarning, stacklevel=3)
 
 
+def _within(units: list[Unit], cap: float) -> Callable[[int], bool]:
+    """Admits ``units[i]`` while their parameter cost fits ``cap``; one that would overrun it is skipped, so a
+    cheaper unit further down the ranking may still fit."""
+    spent = [0]
+
+    def admit(i: int) -> bool:
+        if spent[0] + units[i].cost_per_unit > cap:
+            return False
+        spent[0] += units[i].cost_per_unit
+        return True
+
+    return admit
+
+
 def _count(u: Unit, ratio: float) -> int:
     k = int(round(ratio * u.group.num_units))
     return min(u.group.num_units, k)
 
 
-_UNIT_NAMES = {"attention": "heads", "ffn": "channels"}
+_UNIT_NAMES = {"attention": "heads", "ffn": "channels", "conv": "conv channels"}
 
 
 def _zero_unit_hints(units: list[Unit], cfg: S2FTConfig) -> list[str]:
@@ -519,7 +655,7 @@ def _zero_unit_hints(units: list[Unit], cfg: S2FTConfig) -> list[str]:
 
     ``round(r * n)`` is 1 at ``r = 1 / n`` (Python rounds 0.5 to even, i.e. to 0, so ``0.5 / n`` is not enough)."""
     hints = []
-    for kind in ("attention", "ffn"):
+    for kind in ("attention", "ffn", "conv"):
         of_kind = [u for u in units if u.kind == kind]
         if not of_kind:
             continue
@@ -822,11 +958,10 @@ def _swap_plan(model: nn.Module, units: list[Unit]) -> list[_Swap]:
     for u in units:
         for proj, pairs in u.projections.items():
             for m, occ in pairs:
-                # the block's start is the occurrence's offset: after co-permutation the selected units lead it
-                s = Slice(m.fqn, m.dim, occ.offsets[0], len(u.selected) * occ.inner, proj, occ)
-                by_weight.setdefault(m.fqn, []).append(s)
+                by_weight.setdefault(m.fqn, []).extend(_slices_of(u, proj, m, occ))
     swaps = []
     for wfqn, ss in by_weight.items():
+        ss = _union(ss)
         dims = {s.dim for s in ss}
         if len(dims) != 1:
             raise ConfigError(f"{wfqn} would train rows and columns at once; select one side per weight.")
@@ -835,10 +970,43 @@ def _swap_plan(model: nn.Module, units: list[Unit]) -> list[_Swap]:
         # the other dim where it is produced
         role_in = next((m.dim for u in units for m in u.group.members if m.fqn == wfqn and m.role == "in"), None)
         pdim = ss[0].dim
+        if is_conv(get_module(model, mod_name)):  # S2FTConv: the module's own conv, checked when planned
+            swaps.append(_Swap(mod_name, wfqn, False, pdim, sorted(ss, key=lambda s: s.start)))
+            continue
         in_dim = role_in if role_in is not None else (1 - pdim if _is_out(units, wfqn) else None)
         transposed = _linear_orientation(get_module(model, mod_name), wfqn, in_dim)
         swaps.append(_Swap(mod_name, wfqn, transposed, pdim, sorted(ss, key=lambda s: s.start)))
     return swaps
+
+
+def _slices_of(u: Unit, proj: str, m: Member, occ: Occurrence) -> list[Slice]:
+    """The blocks unit ``u`` trains in one occurrence, after co-permutation (the selected units lead it).
+
+    One block per base offset of the occurrence (a within-head channel recurs once per head); with a part
+    (v inside a fused q/k/v head) one block per selected unit and base offset, that part of the unit.
+    """
+    k = len(u.selected)
+    part = u.part(proj, m, occ)
+    if part is None:
+        return [Slice(m.fqn, m.dim, base, k * occ.inner, proj, occ) for base in occ.offsets]
+    off, n = part
+    return [Slice(m.fqn, m.dim, base + i * occ.inner + off, n, proj, occ) for base in occ.offsets for i in range(k)]
+
+
+def _union(slices: list[Slice]) -> list[Slice]:
+    """Merge overlapping blocks of one weight (two groups that are different digits of one dim, e.g. the heads and
+    the within-head channels of an attention that the analysis saw as two channel groups, both select indices
+    there); blocks of one dim that only touch stay separate, so each keeps its projection's name."""
+    out: list[Slice] = []
+    for s in sorted(slices, key=lambda s: (s.dim, s.start)):
+        last = out[-1] if out else None
+        if last is not None and last.dim == s.dim and s.start < last.start + last.length:
+            end = max(last.start + last.length, s.start + s.length)
+            name = last.projection if s.projection == last.projection else f"{last.projection}+{s.projection}"
+            out[-1] = Slice(last.fqn, last.dim, last.start, end - last.start, name, last.occurrence)
+        else:
+            out.append(s)
+    return out
 
 
 def _dense_block_layout(j: Journal, weight: nn.Parameter, dim: int) -> None:
@@ -871,7 +1039,7 @@ def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTCon
         module = get_module(model, sw.module)
         if cfg.layout == "view":
             _dense_block_layout(j, module.weight, sw.dim)
-        new = S2FTLinear(
+        new = (S2FTConv if is_conv(module) else S2FTLinear)(
             module,
             module.weight,
             getattr(module, "bias", None),
@@ -913,6 +1081,8 @@ def describe(model: nn.Module) -> str:
             f"{len(u.selected):>4}/{u.group.num_units:<4} units {str(u.selected[:8])[:-1]}"
             f"{', ...]' if len(u.selected) > 8 else ']'}  {projs:12s} {n:>10,d} params"
         )
+        # what trains in place of the config's choice (closest projections, one side of a chain), and why
+        lines.extend(f"        note: {note}" for note in u.notes)
     lines.append(f"  trainable {trainable:,d} of {total:,d} parameters ({100 * trainable / max(total, 1):.3f} %)")
     text = "\n".join(lines)
     print(text)

@@ -30,6 +30,8 @@ class AnalysisState:
     provenance: dict[torch.fx.Node, Provenance] = field(default_factory=dict)
     roles: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # (fqn, dim) -> {"in", "out", ...}
     unruled: dict[str, int] = field(default_factory=dict)  # op name -> count of nodes pinned for lack of rule
+    # grouped GEMMs of stacked expert weights: node -> its offs node (rows [offs[e-1], offs[e]) use expert e)
+    expert_products: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
 
 
 class RuleContext:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -12,6 +13,7 @@ import networkx as nx
 import torch
 
 from sparsify_fx.analysis.context import AnalysisState
+from sparsify_fx.analysis.moe import per_expert_classes
 from sparsify_fx.analysis.spaces import Atom, SpaceTable
 
 
@@ -36,6 +38,8 @@ class Member:
     occurrences: tuple[Occurrence, ...]
     role: str | None = None  # "in" (contracted by a linear/conv), "out" (produced by one), or None
     is_buffer: bool = False
+    # a stacked expert weight ([E, ...]): only slice ``[expert]`` moves, and ``dim`` counts the full tensor's dims
+    expert: int | None = None
 
     @property
     def tags(self) -> frozenset[str]:
@@ -77,6 +81,8 @@ class Group:
     # a LayerNorm, RMSNorm or GroupNorm reduces over this space: permuting it is exact, removing units is not
     # (the statistics change), so pruning treats it like the hidden stream
     normalized: bool = False
+    # mixture of experts: the channels of one expert of a stacked expert weight (its members are slices)
+    expert: int | None = None
 
     def member(self, fqn: str) -> list[Member]:
         return [m for m in self.members if m.fqn == fqn]
@@ -254,6 +260,7 @@ _KIND_ORDER = {
 def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], source: str) -> CouplingReport:
     t = state.table
     t.finalize()
+    experts_of = {r.id: n for r, n in per_expert_classes(state).items()}
     by_class: dict[int, list[Member]] = defaultdict(list)
     roots: dict[int, Atom] = {}
     for fqn, node, is_buffer in members:
@@ -274,7 +281,7 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
                 by_class[cid].append(Member(fqn, d, size, tuple(occs), role_s, is_buffer))
 
     inner_heads: dict[int, int] = {}  # kv-head group's class -> class of the query heads inside it
-    group_of: dict[int, Group] = {}
+    group_of: dict[int | tuple[int, int], Group] = {}
     pinned: list[PinnedSpace] = []
     placeholders = {fqn: node for fqn, node, _ in members}
     head_classes = {cid for cid, r in roots.items() if "head" in r.marks or "bmm_batch" in r.marks}
@@ -307,13 +314,20 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
         )
         if inner_head is not None:
             inner_heads[cid] = inner_head
+        if cid in experts_of:  # one group per expert: each slice of the stacked weights permutes on its own
+            shared = group_of.pop(cid)
+            for e in range(experts_of[cid]):
+                mems_e = [dataclasses.replace(m, expert=e) for m in shared.members]
+                group_of[(cid, e)] = dataclasses.replace(shared, members=mems_e, expert=e)
 
     groups = list(group_of.values())
     _name_groups(groups)
     for cid, inner in inner_heads.items():
         if inner in group_of:
             group_of[inner].kv_group = group_of[cid].name
-    groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, _KIND_ORDER.get(g.kind, 5), g.name))
+    # experts in numeric order (expert=10 after expert=9)
+    groups.sort(key=lambda g: (g.layer if g.layer is not None else -1, _KIND_ORDER.get(g.kind, 5),
+                               re.sub(r"\[expert=\d+\]", "", g.name), g.expert or 0, g.name))
     pinned.sort(key=lambda p: (p.kind, p.members[0] if p.members else ("", 0)))
     return CouplingReport(groups, pinned, dict(state.unruled), source)
 
@@ -353,6 +367,8 @@ def _name_groups(groups: list[Group]) -> None:
     seen: dict[str, int] = {}
     for g in groups:
         base = f"{g.prefix}:{g.kind}" if g.prefix else g.kind
+        if g.expert is not None:
+            base = f"{base}[expert={g.expert}]"
         base = re.sub(r"\s+", "", base)
         n = seen.get(base, 0)
         seen[base] = n + 1

@@ -1,0 +1,198 @@
+"""Mixture-of-experts: rules for routed grouped GEMMs and the routing histogram, and the proof that
+lets each expert's channels be permuted on their own.
+
+transformers (5.x) stacks the experts of a layer into 3-D parameters (``gate_up_proj [E, H, 2I]`` or
+``[E, 2I, H]``, ``down_proj [E, I, H]`` or ``[E, H, I]``), sorts the routed token rows by expert, counts
+them with ``aten.histc``, and multiplies with a grouped GEMM (``transformers::grouped_mm_fallback`` or
+``aten._grouped_mm``): rows ``[offs[e-1], offs[e])`` of the input use ``weight[e]``.
+
+The grouped-GEMM rule states what holds for every routing: the contracted dim is the weight's dim 1,
+the output features are its dim 2, rows keep their positions, and the expert dim is tied to ``offs``
+(and pinned: which rows use which expert is data). That alone gives one group for the channels of all
+experts together (one permutation for every expert). :func:`per_expert_classes` then proves, for each
+such class, that expert ``e``'s slice may take a permutation of its own: every tensor that carries the
+class is either a stacked expert weight (the class outside dim 0, the experts' class at dim 0) or an
+activation whose dim 0 is the routed rows of grouped GEMMs with one ``offs``, reached only through
+row-wise ops (pointwise, split along features, the grouped GEMMs themselves). A row then only ever meets
+the slice of the expert it was routed to, so a different permutation per expert cancels row by row.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from sparsify_fx.analysis.context import AnalysisState, RuleContext, Value
+from sparsify_fx.analysis.rules import BINARY, UNARY, register
+from sparsify_fx.analysis.spaces import Atom, Dim, SpaceTable
+
+aten = torch.ops.aten
+
+# custom ops are keyed by qualified name: the op object exists only once its library is imported
+GROUPED_MM_CUSTOM = ("transformers::grouped_mm_fallback",)
+
+
+def _qualified(target: Any) -> str | None:
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else None
+
+
+def is_grouped_mm(target: Any) -> bool:
+    packet = getattr(target, "overloadpacket", None)
+    return _qualified(target) in GROUPED_MM_CUSTOM or packet in _GROUPED_MM_ATEN
+
+
+def _grouped_mm(ctx: RuleContext) -> Value:
+    """``out[s] = input[s] @ weight[e(s)]`` with ``e(s)`` given by ``offs``: a batched product whose
+    batch (experts) is selected by row ranges."""
+    args = ctx.node.args
+    x, w = args[0], args[1]
+    offs = args[2] if len(args) > 2 else ctx.node.kwargs.get("offs")
+    xd, wd = ctx.dims(x), ctx.dims(w)
+    od = ctx.dims(offs)
+    bias = ctx.node.kwargs.get("bias", args[3] if len(args) > 3 else None)
+    if xd is None or wd is None or od is None or len(xd) != 2 or len(wd) != 3 or len(od) != 1 or bias is not None:
+        raise NotImplementedError("only 2-D input x stacked 3-D weight with offs and no bias")
+    ctx.unify(xd[1], wd[1])
+    ctx.unify(wd[0], od[0])
+    # which rows use which expert is routing data: neither rows nor experts may be reordered alone
+    ctx.table.pin(wd[0], "experts are selected by routed row ranges (offs)")
+    ctx.table.pin(xd[0], "routed rows are grouped by expert (offs)")
+    ctx.role(w, 1, "in")
+    ctx.role(w, 2, "out")
+    ctx.state.expert_products[ctx.node] = offs
+    return [xd[0], wd[2]]
+
+
+_GROUPED_MM_ATEN = {getattr(aten, n) for n in ("_grouped_mm", "grouped_mm") if hasattr(aten, n)}
+register(*_GROUPED_MM_ATEN)(_grouped_mm)
+CUSTOM_RULES = {name: _grouped_mm for name in GROUPED_MM_CUSTOM}
+
+
+def custom_rule(target: Any) -> Any:
+    """The rule for a custom op named by its qualified name, if the registry has one."""
+    name = _qualified(target)
+    return CUSTOM_RULES.get(name) if name is not None else None
+
+
+@register(aten.histc)
+def _histc(ctx: RuleContext) -> Value:
+    """A histogram of values (routing counts per expert): every input position feeds every bin, so
+    what it reads is pinned; the bins are a fresh space (their order is fixed by ``min``/``max``)."""
+    ctx.pin_inputs("histc counts values over every position")
+    return ctx.fresh_like_output()
+
+
+# ---------------------------------------------------------------------- per-expert proof
+@dataclass
+class _Candidate:
+    experts: tuple[Atom, ...]
+    rows: tuple[Atom, ...] | None
+    offs: torch.fx.Node
+    ok: bool = True
+
+
+_ROW_WISE = {*UNARY, *BINARY} | {
+    getattr(aten, n)
+    for n in ("split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk", "_assert_tensor_metadata")
+    if hasattr(aten, n)
+}
+
+
+def leaf_roots(t: SpaceTable, d: Dim) -> set[Atom]:
+    """Every leaf class inside a dim, through products and sums."""
+    out: set[Atom] = set()
+
+    def walk(a: Atom) -> None:
+        r = t.find(a)
+        if r.ref is None:
+            if r.size != 1:
+                out.add(r)
+            return
+        for c in r.ref.children:
+            walk(c)
+
+    for a in d:
+        walk(a)
+    return out
+
+
+def _tensors(v: Value) -> Iterable[list[Dim]]:
+    """The dims lists of a value (a tensor, or a tuple of them)."""
+    if not isinstance(v, list):
+        return []
+    if all(isinstance(d, tuple) for d in v):
+        return [v]
+    return [d for x in v for d in _tensors(x)]
+
+
+def _layout(t: SpaceTable, d: Dim) -> tuple[Atom, ...] | None:
+    """The classes a dim is the product of (rows are often a flattened batch x tokens x top-k); None
+    for an empty product (a size-1 dim)."""
+    leaves = tuple(t.find(a) for a in t.expand_dim(d))
+    return leaves or None
+
+
+def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
+    """Leaf classes of stacked expert weights whose units may be permuted per expert: class root ->
+    number of experts."""
+    from sparsify_fx.analysis.propagate import _LAYOUT as LAYOUT_OPS
+
+    t = state.table
+    cands: dict[Atom, _Candidate] = {}
+    for node, offs in state.expert_products.items():
+        x, w = node.args[0], node.args[1]
+        wd, xd = state.env.get(w), state.env.get(x)
+        experts = _layout(t, wd[0])
+        if experts is None or len(experts) != 1 or not isinstance(experts[0].size, int):
+            continue
+        rows = _layout(t, xd[0])
+        for d in wd[1:]:
+            for c in leaf_roots(t, d):
+                new = _Candidate(experts, rows, offs)
+                old = cands.setdefault(c, new)
+                if (old.experts, old.rows, old.offs) != (new.experts, new.rows, new.offs):
+                    old.ok = False
+    if not cands:
+        return {}
+
+    def check(op_node: torch.fx.Node, value_node: torch.fx.Node, dims: list[Dim]) -> None:
+        """A value that carries a candidate class, as ``op_node`` produces or consumes it."""
+        per_dim = [leaf_roots(t, d) for d in dims]
+        for c in set().union(*per_dim) & cands.keys() if per_dim else ():
+            cand = cands[c]
+            lead = _layout(t, dims[0])
+            is_weight = value_node in state.provenance  # a stacked weight, or a layout view of one
+            if c in per_dim[0] or lead is None or lead != (cand.experts if is_weight else cand.rows):
+                cand.ok = False
+                continue
+            packet = getattr(op_node.target, "overloadpacket", None)
+            if op_node.op == "placeholder" or op_node.target is operator.getitem:
+                continue
+            if op_node in state.expert_products:
+                cand.ok &= state.expert_products[op_node] is cand.offs
+            elif is_weight:
+                cand.ok &= packet in LAYOUT_OPS
+            else:
+                cand.ok &= op_node.op == "call_function" and (op_node.target in _ROW_WISE or packet in _ROW_WISE)
+
+    for node, v in list(state.env.items()):
+        for dims in _tensors(v):
+            check(node, node, dims)
+        if node.op != "call_function":
+            continue
+        for a in _flat_nodes(list(node.args) + list(node.kwargs.values())):
+            for dims in _tensors(state.env.get(a)):
+                check(node, a, dims)
+    return {c: int(cand.experts[0].size) for c, cand in cands.items() if cand.ok}
+
+
+def _flat_nodes(x: Any) -> list[torch.fx.Node]:
+    if isinstance(x, list | tuple):
+        return [n for y in x for n in _flat_nodes(y)]
+    return [x] if isinstance(x, torch.fx.Node) else []
