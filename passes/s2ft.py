@@ -96,7 +96,8 @@ class S2FTConfig:
     - ``strategy``: ``random`` (seeded, the paper's choice), ``magnitude`` (weight norms of the
       trained slices), ``gradient`` (Fisher: squared gradients on ``calibration`` batches, with
       ``loss_fn(model, batch) -> loss`` or the model's own ``.loss``), ``activation`` (norms of
-      each unit's output on ``calibration`` batches).
+      each unit's output on ``calibration`` batches), or any
+      :class:`~sparsify_fx.passes.importance.Importance` (the same objects rank units for ``prune``).
     - ``layout``: ``"view"`` makes trainable blocks views of the frozen weight (zero-copy forward,
       in-place updates land in the weight); ``"separate"`` gives them their own storage (needed when
       parameters are sharded, e.g. FSDP2).
