@@ -1,0 +1,762 @@
+"""Catalog sweep: every model type transformers registers, built small, through analyze / permute / s2ft / prune.
+
+Per model type: build the config's defaults shrunk to a tiny size (hidden 64, 2 layers, 4 heads, vocab 256,
+32x32 images), random weights, one eager forward on generated inputs, then
+
+- ``sparsify_fx.analyze``: groups, pinned spaces and their reasons, ops without a rule;
+- every group permuted at random with ``sparsify_fx.permute`` on a float64 copy: an output that moves is a
+  *broken group* (a soundness bug in the analysis);
+- ``sparsify_fx.s2ft`` with the default config, then one forward + backward;
+- ``sparsify_fx.prune`` with ratio 0.25, then one forward.
+
+Each model runs in a forked child with a wall-clock and an address-space cap; the results go to
+``benchmarks/results/catalog.json`` and ``catalog.md`` (rewritten after every model, so a killed sweep keeps
+what it finished; ``--resume`` continues it)::
+
+    .venv/bin/python benchmarks/catalog.py                        # every type, 2 at a time
+    .venv/bin/python benchmarks/catalog.py --only llama,gpt2 --jobs 1
+    .venv/bin/python benchmarks/catalog.py --limit 50 --resume --timeout 120 --mem-gb 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import enum
+import inspect
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# ---------------------------------------------------------------------- shrinking a config
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 2, 4, 2, 16
+VOCAB, POSITIONS, IMAGE, PATCH, SEQ, BATCH = 256, 128, 32, 8, 8, 2
+
+# The usual spellings of each size field; a field is set only where the default config has it.
+GENERIC: dict[str, Any] = {
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "word_embed_proj_dim", "embedding_size"), HIDDEN),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
+                     "hidden_dim", "n_inner", "ffn_hidden_size", "mlp_dim"), INTER),
+    **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size"), INTER // 2),
+    "shared_expert_intermediate_size": INTER,
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
+                     "num_decoder_layers", "num_encoder_layers"), LAYERS),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "encoder_attention_heads",
+                     "decoder_attention_heads", "num_heads"), HEADS),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads"), KV_HEADS),
+    "head_dim": HEAD_DIM,
+    **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"), POSITIONS),
+    "image_size": IMAGE,
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k"), 2),
+    **dict.fromkeys(("n_shared_experts", "num_shared_experts"), 1),
+    "first_k_dense_replace": 1,
+    "max_source_positions": 16,  # Whisper-style encoders expect exactly 2 * max_source_positions frames
+    "max_target_positions": POSITIONS,
+}
+
+# Per-family corrections where the generic fields do not give a runnable small model.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "swin": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4, "patch_size": 4},
+    "swinv2": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4, "patch_size": 4},
+    "donut-swin": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4, "patch_size": 4},
+    "convnext": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
+    "convnextv2": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
+    "resnet": {"hidden_sizes": [16, 32], "depths": [1, 1], "embedding_size": 16},
+    "falcon": {"new_decoder_architecture": True},
+}
+
+
+class Outcome(str, enum.Enum):
+    """What happened to one step of one model."""
+
+    OK = "ok"
+    NOOP = "removed nothing"
+    ERROR = "error"
+    SKIPPED = "skipped"
+    TIMEOUT = "timeout"
+
+
+def shrink_kwargs(config: Any) -> dict[str, Any]:
+    """Keyword overrides that make ``config`` (a default ``PretrainedConfig``) tiny; recurses into sub-configs.
+
+    Args:
+        config: a config instance with its defaults, e.g. ``LlamaConfig()``.
+
+    Example::
+
+        kw = shrink_kwargs(LlamaConfig())   # {'hidden_size': 64, 'num_hidden_layers': 2, ...}
+        small = LlamaConfig(**kw)
+    """
+    present = config.to_dict()
+    kw: dict[str, Any] = {}
+    for key, value in GENERIC.items():
+        old = present.get(key)
+        # only plain ints are sizes; lists are per-stage (hierarchical vision models keep theirs)
+        if isinstance(old, int) and not isinstance(old, bool) and old > 0:
+            kw[key] = min(value, old) if key in ("num_experts_per_tok", "moe_topk", "top_k") else value
+    if isinstance(present.get("patch_size"), int):
+        kw["patch_size"] = min(PATCH, present["patch_size"])
+    if isinstance(present.get("depths"), list):  # one block per stage, same number of stages
+        kw["depths"] = [1] * len(present["depths"])
+    for key in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):  # MQA stays MQA
+        if present.get(key) == 1:
+            kw[key] = 1
+    vocab = kw.get("vocab_size", present.get("vocab_size"))
+    if isinstance(vocab, int):
+        for key, value in present.items():  # special token ids must index the shrunk vocabulary
+            if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
+                kw[key] = vocab - 1
+            elif key.endswith("token_id") and isinstance(value, list):
+                kw[key] = [min(v, vocab - 1) if isinstance(v, int) else v for v in value]
+    kw.update(OVERRIDES.get(getattr(config, "model_type", ""), {}))
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            kw[name] = {**shrink_kwargs(sub), "model_type": getattr(sub, "model_type", "")}
+            if not kw[name]["model_type"]:
+                del kw[name]["model_type"]
+    return kw
+
+
+def small_config(model_type: str) -> Any:
+    """The default config of ``model_type``, shrunk with :func:`shrink_kwargs`.
+
+    Args:
+        model_type: a key of ``CONFIG_MAPPING_NAMES``, e.g. ``"llama"``.
+
+    Example::
+
+        cfg = small_config("qwen2_moe")
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    return cls(**shrink_kwargs(cls()))
+
+
+# ---------------------------------------------------------------------- building and inputs
+def _model_class(model_type: str) -> type[nn.Module] | None:
+    from transformers.models.auto import modeling_auto as ma
+
+    # the base model first: what AutoModel builds, as a user would
+    for mapping in ("MODEL_MAPPING", "MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING",
+                    "MODEL_FOR_MASKED_LM_MAPPING", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING"):
+        names = getattr(ma, mapping + "_NAMES", {})
+        if model_type in names:
+            name = names[model_type]
+            name = name[0] if isinstance(name, list | tuple) else name
+            return getattr(__import__("transformers"), name, None)
+    return None
+
+
+def make_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """Generated inputs for ``model``'s ``main_input_name`` (token ids, pixel values, audio features).
+
+    Args:
+        model: a transformers model.
+        config: its config.
+
+    Example::
+
+        model(**make_inputs(model, model.config))
+    """
+    g = torch.Generator().manual_seed(1)
+    main = getattr(model, "main_input_name", "input_ids")
+    text = getattr(config, "text_config", None) or config
+    vocab = getattr(text, "vocab_size", None) or VOCAB
+    params = inspect.signature(model.forward).parameters
+    ids = torch.randint(3, max(4, min(vocab, VOCAB)), (BATCH, SEQ), generator=g)
+    vision = getattr(config, "vision_config", None) or config
+    image = getattr(vision, "image_size", IMAGE)
+    image = image if isinstance(image, int) else IMAGE
+    channels = getattr(vision, "num_channels", 3)
+    channels = channels if isinstance(channels, int) else 3
+    inputs: dict[str, torch.Tensor] = {}
+    if main == "pixel_values":
+        inputs[main] = torch.randn(BATCH, channels, image, image, generator=g)
+    elif main == "input_features":
+        bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None) or 80
+        frames = 2 * getattr(config, "max_source_positions", 16)
+        inputs[main] = torch.randn(BATCH, bins, frames, generator=g)
+    elif main == "input_values":
+        inputs[main] = torch.randn(BATCH, 1600, generator=g)
+    else:
+        inputs[main] = ids
+    if "decoder_input_ids" in params and main != "decoder_input_ids":
+        inputs["decoder_input_ids"] = ids
+    if main == "input_ids" and "pixel_values" in params and getattr(config, "vision_config", None) is not None:
+        inputs["pixel_values"] = torch.randn(BATCH, channels, image, image, generator=g)
+    return inputs
+
+
+def build(model_type: str, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny random-weight ``model_type`` model in eval mode and inputs it runs on.
+
+    Args:
+        model_type: a key of ``CONFIG_MAPPING_NAMES``.
+        seed: ``torch.manual_seed`` before the weights are drawn (same seed, same weights).
+
+    Example::
+
+        model, inputs = build("llama"); model(**inputs)
+    """
+    cls = _model_class(model_type)
+    if cls is None:
+        raise LookupError(f"no model class registered for {model_type!r}")
+    cfg = small_config(model_type)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    return model, make_inputs(model, cfg)
+
+
+def float_outputs(out: Any) -> list[torch.Tensor]:
+    """Every floating tensor in a model output (ModelOutput, tuple, dict), depth first."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in float_outputs(v)]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in float_outputs(v)]
+    return []
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    a, b = a.double(), b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return 0.0 if torch.equal(a.nan_to_num(), b.nan_to_num()) else math.inf
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    if len(a) != len(b):
+        return math.inf
+    return max((_rel(x, y) for x, y in zip(a, b)), default=0.0)
+
+
+# ---------------------------------------------------------------------- layer coverage
+_ATTN = re.compile(r"Attention", re.I)
+_ATTN_WRAPPER = re.compile(r"(Layer|Block|Stage|Encoder|Decoder|Model)$")
+_FFN = re.compile(r"MLP|FeedForward|FFN|FF$|Intermediate|Experts?$|MoE|Moe|DenseActDense|DenseGatedActDense", re.I)
+
+
+def _outermost(model: nn.Module, pattern: re.Pattern, exclude: re.Pattern | None = None,
+               inside: list[str] | None = None) -> list[str]:
+    """FQNs of the outermost modules whose class name matches and that hold a 2-D+ parameter."""
+    found: list[str] = []
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if not name or not pattern.search(cls) or (exclude is not None and exclude.search(cls)):
+            continue
+        if any(name.startswith(p + ".") for p in found + (inside or [])):
+            continue
+        if any(p.dim() >= 2 for p in mod.parameters()):
+            found.append(name)
+    return found
+
+
+def layer_coverage(model: nn.Module, report: Any) -> dict[str, list[int]]:
+    """Attention / FFN modules with at least one head / FFN-channel group among their parameters.
+
+    Attention modules are the outermost modules named ``*Attention*`` (not ``*Layer``/``*Block``); FFN modules
+    the outermost ``*MLP*``/``*FeedForward*``/``*Intermediate``/``*Experts``/``*MoE*`` modules outside them.
+
+    Args:
+        model: the analysed model.
+        report: its ``CouplingReport``.
+
+    Example::
+
+        layer_coverage(model, sparsify_fx.analyze(model, inputs))   # {'attention': [2, 2], 'ffn': [2, 2]}
+    """
+    attn = _outermost(model, _ATTN, _ATTN_WRAPPER)
+    ffn = _outermost(model, _FFN, inside=attn)
+
+    def covered(prefixes: list[str], kinds: set[str]) -> int:
+        fqns = [m.fqn for g in report.groups if g.kind in kinds for m in g.members]
+        return sum(any(f.startswith(p + ".") for f in fqns) for p in prefixes)
+
+    return {"attention": [covered(attn, {"attention_heads", "kv_heads"}), len(attn)],
+            "ffn": [covered(ffn, {"ffn_channels"}), len(ffn)]}
+
+
+# ---------------------------------------------------------------------- one model
+@dataclass
+class Record:
+    """What the sweep learned about one model type."""
+
+    model_type: str
+    built: bool = False
+    skip: str = ""  # why it was not built or did not run eagerly
+    model_class: str = ""
+    params: int = 0
+    analysed: bool = False
+    analysis_error: str = ""
+    groups: dict[str, int] = field(default_factory=dict)  # kind -> count
+    attention_layers: list[int] = field(default_factory=lambda: [0, 0])  # [with head groups, modules]
+    ffn_layers: list[int] = field(default_factory=lambda: [0, 0])  # [with FFN groups, modules]
+    config_layers: int | None = None
+    broken_groups: list[str] = field(default_factory=list)
+    symmetry_dtype: str = ""
+    symmetry_note: str = ""
+    s2ft: str = Outcome.SKIPPED.value
+    s2ft_error: str = ""
+    s2ft_trainable: int = 0
+    prune: str = Outcome.SKIPPED.value
+    prune_error: str = ""
+    prune_param_ratio: float | None = None
+    unruled_ops: dict[str, int] = field(default_factory=dict)
+    pinned_reasons: dict[str, int] = field(default_factory=dict)  # reason (trimmed) -> pinned spaces
+    seconds: float = 0.0
+
+    @property
+    def traced(self) -> bool:
+        return self.built and self.analysed
+
+    @property
+    def full_coverage(self) -> bool | None:
+        """Every attention and FFN module has its groups; None where the model has neither."""
+        (ha, na), (hf, nf) = self.attention_layers, self.ffn_layers
+        if na + nf == 0:
+            return None
+        return ha == na and hf == nf
+
+
+def _err(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def _reason_key(reason: str) -> str:
+    # node names and sizes vary per model; the reason's text up to them is what repeats across the catalog
+    return re.sub(r"\d+", "N", reason.split(" (node")[0])[:120]
+
+
+def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Record, seed: int) -> None:
+    """Permute every group at random (then back); record the groups whose permutation moves an output."""
+    from sparsify_fx import permute
+
+    model = make()
+    # float64 keeps a permuted sum exact to ~1e-16, so any real change shows; float32 where a kernel needs it
+    for dtype in (torch.float64, torch.float32):
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        try:
+            m = model.to(dtype)
+            x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            with torch.no_grad():
+                ref, again = float_outputs(m(**x)), float_outputs(m(**x))
+            break
+        except Exception as exc:  # noqa: BLE001 - some models hard-code float32; fall back to it
+            rec.symmetry_note = f"float64 failed ({_err(exc)})"
+            model = make()
+    else:
+        rec.symmetry_note += "; no dtype ran"
+        return
+    rec.symmetry_dtype = str(dtype).removeprefix("torch.")
+    if _max_rel(ref, again) > tol:
+        rec.symmetry_note = "outputs differ between two identical runs; symmetry not checked"
+        return
+    g = torch.Generator().manual_seed(seed)
+    for grp in report.groups:
+        perm = torch.randperm(grp.num_units, generator=g)
+        try:
+            permute(m, grp, perm)
+            with torch.no_grad():
+                out = float_outputs(m(**x))
+            permute(m, grp, torch.argsort(perm))
+        except Exception as exc:  # noqa: BLE001 - a group that cannot even be applied is broken too
+            rec.broken_groups.append(f"{grp.name}: {_err(exc)}")
+            m = make().to(dtype)
+            continue
+        err = _max_rel(out, ref)
+        if err > tol:
+            rec.broken_groups.append(f"{grp.name} ({grp.kind}): rel err {err:.1e}")
+
+
+def _s2ft(make: Any, inputs: dict[str, torch.Tensor], rec: Record) -> None:
+    import sparsify_fx
+
+    model = make()
+    try:
+        sparsify_fx.s2ft(model, inputs, sparsify_fx.S2FTConfig())
+        rec.s2ft_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model.train()
+        outs = float_outputs(model(**inputs))
+        loss = sum(o.float().pow(2).mean() for o in outs if o.requires_grad)
+        if not isinstance(loss, torch.Tensor):
+            raise RuntimeError("no output depends on a trained parameter")
+        try:
+            loss.backward()
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"backward: {_err(exc)}") from exc
+        rec.s2ft = Outcome.OK.value
+    except Exception as exc:  # noqa: BLE001 - the sweep records every failure and goes on
+        rec.s2ft, rec.s2ft_error = Outcome.ERROR.value, _err(exc)
+
+
+def _prune(make: Any, inputs: dict[str, torch.Tensor], rec: Record) -> None:
+    import sparsify_fx
+
+    model = make()
+    before = sum(p.numel() for p in model.parameters())
+    try:
+        sparsify_fx.prune(model, inputs, sparsify_fx.PruneConfig(ratio=0.25, progress=False))
+        with torch.no_grad():
+            model(**inputs)
+        after = sum(p.numel() for p in model.parameters())
+        rec.prune_param_ratio = round(after / before, 4)
+        rec.prune = (Outcome.OK if after < before else Outcome.NOOP).value
+    except Exception as exc:  # noqa: BLE001
+        rec.prune, rec.prune_error = Outcome.ERROR.value, _err(exc)
+
+
+def run_model(model_type: str, seed: int = 0) -> Record:
+    """Build, analyse, permute, S²FT and prune one model type; never raises (failures are recorded).
+
+    Args:
+        model_type: a key of ``CONFIG_MAPPING_NAMES``.
+        seed: seeds the weights and the random permutations.
+
+    Example::
+
+        rec = run_model("llama"); assert rec.analysed and not rec.broken_groups
+    """
+    import sparsify_fx
+
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    rec = Record(model_type)
+    try:
+        model, inputs = build(model_type, seed)
+        rec.model_class = type(model).__name__
+        rec.params = sum(p.numel() for p in model.parameters())
+        rec.config_layers = next((getattr(model.config, k) for k in ("num_hidden_layers", "num_layers", "n_layer")
+                                  if isinstance(getattr(model.config, k, None), int)), None)
+        with torch.no_grad():
+            model(**inputs)
+        rec.built = True
+    except Exception as exc:  # noqa: BLE001
+        rec.skip = _err(exc)
+        rec.seconds = round(time.perf_counter() - start, 2)
+        return rec
+
+    def make() -> nn.Module:
+        return build(model_type, seed)[0]
+
+    try:
+        report = sparsify_fx.analyze(model, inputs)
+        rec.analysed = True
+    except Exception as exc:  # noqa: BLE001
+        rec.analysis_error = _err(exc)
+        rec.seconds = round(time.perf_counter() - start, 2)
+        return rec
+    rec.groups = dict(collections.Counter(g.kind for g in report.groups))
+    cov = layer_coverage(model, report)
+    rec.attention_layers, rec.ffn_layers = cov["attention"], cov["ffn"]
+    rec.unruled_ops = dict(report.unruled_ops)
+    reasons = collections.Counter(_reason_key(r) for p in report.pinned for r in p.reasons)
+    rec.pinned_reasons = dict(reasons.most_common(8))
+    _symmetry(make, inputs, report, rec, seed)
+    _s2ft(make, inputs, rec)
+    _prune(make, inputs, rec)
+    rec.seconds = round(time.perf_counter() - start, 2)
+    return rec
+
+
+# ---------------------------------------------------------------------- the sweep
+def model_types() -> list[str]:
+    """Every model type transformers registers a config for, sorted."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(CONFIG_MAPPING_NAMES)
+
+
+def _child(model_type: str, seed: int, mem_bytes: int, conn: Any) -> None:
+    # forked: the parent's imports are shared; one thread (OpenMP after fork is only safe that way)
+    torch.set_num_threads(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+    if mem_bytes:
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + mem_bytes, vm + mem_bytes))
+    try:
+        rec = run_model(model_type, seed)
+        conn.send(asdict(rec))
+    except BaseException:  # noqa: BLE001 - MemoryError and friends: say what happened
+        with contextlib.suppress(Exception):
+            conn.send({**asdict(Record(model_type)), "skip": "crashed: " + traceback.format_exc(limit=1)[-300:]})
+    finally:
+        conn.close()
+
+
+def _start(model_type: str, seed: int, mem_gb: float) -> tuple[Any, Any, float]:
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(model_type, seed, int(mem_gb * 2**30), child), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent, time.perf_counter()
+
+
+def _finish(model_type: str, proc: Any, conn: Any, start: float, timed_out: bool) -> Record:
+    data = None
+    if not timed_out:
+        with contextlib.suppress(EOFError, OSError):
+            data = conn.recv()
+    proc.join(1)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    conn.close()
+    if data is None:
+        why = Outcome.TIMEOUT.value if timed_out else f"died (exit code {proc.exitcode})"
+        return Record(model_type, skip=why, seconds=round(time.perf_counter() - start, 2))
+    return record_from_dict(data)
+
+
+def sweep(types: list[str], *, jobs: int = 2, timeout: float = 60.0, mem_gb: float = 4.0, seed: int = 0) -> Any:
+    """Yield a :class:`Record` per model type as each finishes, ``jobs`` forked children at a time.
+
+    Children are forked from this (single) thread only: a fork while another thread holds a lock (an import
+    lock, a logging lock) leaves that lock held forever in the child.
+
+    Args:
+        types: model types to run.
+        jobs: children at once.
+        timeout: wall-clock seconds per model; past it the child is killed and the record says ``timeout``.
+        mem_gb: address space each child may add to what it inherits (0: no cap).
+        seed: as for :func:`run_model`.
+
+    Example::
+
+        for rec in sweep(["llama", "gpt2"], jobs=1):
+            print(rec.model_type, rec.s2ft)
+    """
+    from multiprocessing.connection import wait
+
+    pending = list(types)
+    running: dict[Any, tuple[str, Any, float]] = {}  # pipe -> (model type, process, start)
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            t = pending.pop(0)
+            proc, conn, start = _start(t, seed, mem_gb)
+            running[conn] = (t, proc, start)
+        now = time.perf_counter()
+        deadline = min(start + timeout for _, _, start in running.values())
+        ready = wait(list(running), timeout=max(0.0, deadline - now))
+        now = time.perf_counter()
+        for conn in list(running):
+            t, proc, start = running[conn]
+            if conn in ready or now - start >= timeout:
+                del running[conn]
+                yield _finish(t, proc, conn, start, timed_out=conn not in ready)
+
+
+def run_isolated(model_type: str, *, timeout: float = 60.0, mem_gb: float = 4.0, seed: int = 0) -> Record:
+    """:func:`run_model` in a forked child capped at ``timeout`` seconds and ``mem_gb`` GB more address space.
+
+    Args:
+        model_type: a key of ``CONFIG_MAPPING_NAMES``.
+        timeout: wall-clock limit; past it the child is killed and the record says ``timeout``.
+        mem_gb: address space the child may add to what it inherits (0: no cap).
+        seed: as for :func:`run_model`.
+
+    Example::
+
+        rec = run_isolated("llama", timeout=60, mem_gb=4)
+    """
+    return next(sweep([model_type], jobs=1, timeout=timeout, mem_gb=mem_gb, seed=seed))
+
+
+def record_from_dict(data: dict[str, Any]) -> Record:
+    """A :class:`Record` from its JSON form (unknown keys ignored)."""
+    names = set(Record.__dataclass_fields__)
+    return Record(**{k: v for k, v in data.items() if k in names})
+
+
+def _pct(n: int, d: int) -> str:
+    return f"{n}/{d} ({100 * n / d:.0f} %)" if d else "0/0"
+
+
+def summarize(records: list[Record]) -> dict[str, Any]:
+    """The issue's coverage metrics and the most common blocking reasons.
+
+    Args:
+        records: one per model type.
+
+    Example::
+
+        summarize([run_model("llama")])["s2ft_ok"]   # [1, 1]
+    """
+    traced = [r for r in records if r.traced]
+    with_layers = [r for r in traced if r.full_coverage is not None]
+    unruled: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    s2ft_err: collections.Counter[str] = collections.Counter()
+    prune_err: collections.Counter[str] = collections.Counter()
+    trace_err: collections.Counter[str] = collections.Counter()
+    for r in records:
+        unruled.update(r.unruled_ops.keys())  # models an op blocks, not its node count
+        reasons.update(r.pinned_reasons.keys())
+        if r.s2ft == Outcome.ERROR.value:
+            s2ft_err[r.s2ft_error[:120]] += 1
+        if r.prune == Outcome.ERROR.value:
+            prune_err[r.prune_error[:120]] += 1
+        if r.built and not r.analysed:
+            trace_err[r.analysis_error[:120]] += 1
+    return {
+        "model_types": len(records),
+        "built": sum(r.built for r in records),
+        "traced": len(traced),
+        "timeouts": sum(r.skip == Outcome.TIMEOUT.value for r in records),
+        "full_coverage": [sum(bool(r.full_coverage) for r in with_layers), len(with_layers)],
+        "no_attention_or_ffn_modules": len(traced) - len(with_layers),
+        "s2ft_ok": [sum(r.s2ft == Outcome.OK.value for r in traced), len(traced)],
+        "prune_ok": [sum(r.prune == Outcome.OK.value for r in traced), len(traced)],
+        "prune_removed_nothing": sum(r.prune == Outcome.NOOP.value for r in traced),
+        "broken_groups": sum(len(r.broken_groups) for r in records),
+        "models_with_broken_groups": [r.model_type for r in records if r.broken_groups],
+        "top_unruled_ops": unruled.most_common(15),
+        "top_pinned_reasons": reasons.most_common(15),
+        "top_s2ft_errors": s2ft_err.most_common(10),
+        "top_prune_errors": prune_err.most_common(10),
+        "top_trace_errors": trace_err.most_common(10),
+    }
+
+
+def _cell(text: str, n: int = 70) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def to_markdown(records: list[Record], summary: dict[str, Any]) -> str:
+    """The sweep as Markdown: the summary metrics, the blocking reasons, then one row per model type."""
+    s = summary
+    lines = [
+        "# Catalog sweep",
+        "",
+        f"{s['model_types']} model types: {s['built']} built and ran eagerly, {s['traced']} built and traced "
+        f"({s['timeouts']} timed out).",
+        "",
+        "| of the models that build and trace | |",
+        "| --- | --- |",
+        f"| every attention and FFN module has its head / FFN groups | {_pct(*s['full_coverage'])} "
+        f"(+{s['no_attention_or_ffn_modules']} with neither) |",
+        f"| `s2ft` default config ok (forward + backward) | {_pct(*s['s2ft_ok'])} |",
+        f"| `prune` ratio 0.25 ok (and removed something) | {_pct(*s['prune_ok'])} "
+        f"({s['prune_removed_nothing']} removed nothing) |",
+        f"| broken groups (permuting one changed an output) | {s['broken_groups']} |",
+        "",
+    ]
+    for title, key in (("Ops without a rule (models)", "top_unruled_ops"),
+                       ("Pinned reasons (models)", "top_pinned_reasons"),
+                       ("s2ft errors", "top_s2ft_errors"), ("prune errors", "top_prune_errors"),
+                       ("trace errors", "top_trace_errors")):
+        if s[key]:
+            lines += [f"**{title}**", ""] + [f"- {n} × `{_cell(k, 150)}`" for k, n in s[key]] + [""]
+    lines += ["| model type | built | heads | FFN | groups | broken | s2ft | prune | unruled ops | top pinned reason |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        if not r.built:
+            lines.append(f"| {r.model_type} | {_cell(r.skip or 'no')} | | | | | | | | |")
+            continue
+        if not r.analysed:
+            lines.append(f"| {r.model_type} | yes | trace failed: {_cell(r.analysis_error)} | | | | | | | |")
+            continue
+        s2 = r.s2ft if r.s2ft != Outcome.ERROR.value else _cell(r.s2ft_error)
+        pr = r.prune if r.prune != Outcome.ERROR.value else _cell(r.prune_error)
+        groups = ", ".join(f"{k} {v}" for k, v in sorted(r.groups.items()))
+        top = next(iter(r.pinned_reasons), "")
+        lines.append(
+            f"| {r.model_type} | yes | {r.attention_layers[0]}/{r.attention_layers[1]} | "
+            f"{r.ffn_layers[0]}/{r.ffn_layers[1]} | {groups} | {len(r.broken_groups) or ''} | {s2} | {pr} | "
+            f"{_cell(', '.join(sorted(r.unruled_ops)))} | {_cell(top)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(records: list[Record], out: Path) -> dict[str, Any]:
+    """Write ``catalog.json`` and ``catalog.md`` under ``out``; returns the summary.
+
+    Args:
+        records: one per model type, in sweep order.
+        out: a directory (created if missing).
+
+    Example::
+
+        write_results([run_model("llama")], Path("benchmarks/results"))
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    payload = {"summary": summary, "versions": {"torch": torch.__version__,
+                                                "transformers": __import__("transformers").__version__},
+               "models": [asdict(r) for r in records]}
+    for name, text in (("catalog.json", json.dumps(payload, indent=1)), ("catalog.md", to_markdown(records, summary))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)  # a reader never sees half a file
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated model types")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N model types")
+    ap.add_argument("--jobs", type=int, default=2, help="models run at once (each in its own process)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per model")
+    ap.add_argument("--mem-gb", type=float, default=4.0, help="extra address space per model (0: no cap)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--resume", action="store_true", help="keep the records already in OUT/catalog.json")
+    args = ap.parse_args(argv)
+
+    import transformers  # noqa: F401 - imported once here, shared by every forked child
+
+    import sparsify_fx.passes.prune  # noqa: F401
+    import sparsify_fx.passes.s2ft  # noqa: F401
+
+    types = [t for t in args.only.split(",") if t] if args.only else model_types()
+    if args.limit:
+        types = types[: args.limit]
+    done: dict[str, Record] = {}
+    if args.resume and (args.out / "catalog.json").exists():
+        for d in json.loads((args.out / "catalog.json").read_text())["models"]:
+            done[d["model_type"]] = record_from_dict(d)
+    todo = [t for t in types if t not in done]
+    print(f"{len(todo)} model types to run ({len(done)} kept), {args.jobs} at a time", flush=True)
+    order = {t: k for k, t in enumerate(model_types())}
+    summary: dict[str, Any] = {}
+    for i, rec in enumerate(sweep(todo, jobs=args.jobs, timeout=args.timeout, mem_gb=args.mem_gb), 1):
+        done[rec.model_type] = rec
+        state = rec.skip[:60] if not rec.built else ("traced" if rec.analysed else "trace failed")
+        print(f"[{i}/{len(todo)}] {rec.model_type}: {state}, s2ft {rec.s2ft}, prune {rec.prune}, "
+              f"broken {len(rec.broken_groups)} ({rec.seconds:.0f} s)", flush=True)
+        summary = write_results(sorted(done.values(), key=lambda r: order.get(r.model_type, -1)), args.out)
+    if not todo:
+        summary = write_results(list(done.values()), args.out)
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("top_")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""A sample of the catalog sweep (benchmarks/catalog.py): diverse transformers model types built small from their
+default configs, analysed, every group permuted, S²FT with defaults, prune at 0.25. The full sweep is a benchmark."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsify_fx
+
+
+def _load_catalog():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "catalog.py"
+    spec = importlib.util.spec_from_file_location("sparsify_catalog", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(mod)
+    return mod
+
+
+catalog = _load_catalog()
+
+# decoder with GQA + RoPE, fused interleaved qkv, MQA-style fused qkv with parallel attention, MoE with shared
+# expert, a vision transformer, a conv net with pointwise MLPs
+SAMPLE = ["llama", "gpt_neox", "falcon", "qwen2_moe", "vit", "convnext"]
+
+
+def test_shrunk_configs_are_small_and_nested_configs_shrink_too():
+    cfg = catalog.small_config("llama")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (64, 2, 4, 256)
+    assert cfg.num_key_value_heads == 2 and cfg.intermediate_size == 128
+    # layer_types and other derived fields are recomputed by the config class, not left at the default's length
+    assert len(getattr(catalog.small_config("qwen2"), "layer_types", None) or [0, 0]) == 2
+    clip = catalog.small_config("clip")
+    assert clip.text_config.hidden_size == 64 and clip.vision_config.hidden_size == 64
+    assert clip.vision_config.image_size == 32 and clip.text_config.num_hidden_layers == 2
+    # special token ids index the shrunk vocabulary
+    gpt2 = catalog.small_config("gpt2")
+    assert gpt2.vocab_size == 256 and gpt2.bos_token_id < 256 and gpt2.eos_token_id < 256
+
+
+@pytest.mark.parametrize("model_type", SAMPLE)
+def test_catalog_sample(model_type):
+    rec = catalog.run_model(model_type)
+    assert rec.built, rec.skip
+    assert rec.analysed, rec.analysis_error
+    # soundness: every reported group, randomly permuted, left every output unchanged (and was checked)
+    assert rec.symmetry_dtype in ("float64", "float32"), rec.symmetry_note
+    assert rec.broken_groups == []
+    assert sum(rec.groups.values()) > 0
+    assert rec.attention_layers[0] == rec.attention_layers[1]
+    assert rec.ffn_layers[0] == rec.ffn_layers[1]
+    if model_type != "convnext":  # ConvNeXt's pointwise MLP lives in its block, not in an MLP-named module
+        assert rec.attention_layers[1] == 2 and rec.ffn_layers[1] == 2, (rec.attention_layers, rec.ffn_layers)
+    assert rec.s2ft == "ok", rec.s2ft_error
+    assert rec.s2ft_trainable > 0
+    assert rec.prune == "ok", rec.prune_error
+    assert 0 < rec.prune_param_ratio < 1
+    assert rec.unruled_ops == {}
+
+
+def test_a_group_that_is_not_a_symmetry_is_reported_broken():
+    # the check must be able to fail: permute an FFN group's up rows alone, without the gate rows and down columns
+    model, inputs = catalog.build("llama")
+    report = sparsify_fx.analyze(model, inputs)
+    ffn = report.by_kind("ffn_channels")[0]
+    up = [m for m in ffn.members if m.fqn.endswith("up_proj.weight")]
+    assert up, ffn.members
+    bad = dataclasses.replace(ffn, name="up-only", members=up)
+    sound = dataclasses.replace(report, groups=[ffn])
+    broken = dataclasses.replace(report, groups=[bad])
+    rec = catalog.Record("llama")
+    catalog._symmetry(lambda: catalog.build("llama")[0], inputs, sound, rec, seed=0)
+    assert rec.broken_groups == [] and rec.symmetry_dtype == "float64"
+    catalog._symmetry(lambda: catalog.build("llama")[0], inputs, broken, rec, seed=0)
+    assert len(rec.broken_groups) == 1 and rec.broken_groups[0].startswith("up-only")
+
+
+def test_failures_are_recorded_not_raised():
+    rec = catalog.run_model("no_such_model_type")
+    assert not rec.built and "no_such_model_type" in rec.skip
+    # a child past its time limit is killed and the record says so
+    rec = catalog.run_isolated("llama", timeout=0.05, mem_gb=0)
+    assert rec.skip == "timeout" and not rec.built
+
+
+def test_isolated_run_matches_in_process(tmp_path):
+    rec = catalog.run_isolated("gpt2", timeout=300, mem_gb=4)
+    here = catalog.run_model("gpt2")
+    assert rec.built and rec.analysed
+    fields = ("groups", "attention_layers", "ffn_layers", "broken_groups", "s2ft", "prune", "prune_param_ratio")
+    assert {f: getattr(rec, f) for f in fields} == {f: getattr(here, f) for f in fields}
+    summary = catalog.write_results([rec, catalog.run_model("no_such_model_type")], tmp_path)
+    assert summary["model_types"] == 2 and summary["built"] == 1 and summary["traced"] == 1
+    assert summary["s2ft_ok"][1] == 1 and summary["broken_groups"] == 0
+    data = json.loads((tmp_path / "catalog.json").read_text())
+    assert [m["model_type"] for m in data["models"]] == ["gpt2", "no_such_model_type"]
+    assert catalog.record_from_dict(data["models"][0]) == rec
+    md = (tmp_path / "catalog.md").read_text()
+    assert "| gpt2 | yes | 2/2 | 2/2 |" in md and "broken groups" in md
+    # --resume keeps finished records and runs nothing new when every requested type is done
+    before = (tmp_path / "catalog.json").read_text()
+    assert catalog.main(["--only", "gpt2", "--out", str(tmp_path), "--resume"]) == 0
+    after = json.loads((tmp_path / "catalog.json").read_text())
+    assert after["models"] == json.loads(before)["models"]
+
+
+def test_float_outputs_walks_model_outputs():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    a, b = torch.ones(2), torch.zeros(3)
+    out = BaseModelOutput(last_hidden_state=a, hidden_states=(b, torch.arange(3)))
+    assert [t.shape for t in catalog.float_outputs(out)] == [a.shape, b.shape]
