@@ -386,3 +386,31 @@ def test_falcon_default_config_heads_are_found_and_sound():
     for layer in range(2):
         o = f"transformer.h.{layer}.self_attention.dense.weight"
         assert any(g.kind == "attention_heads" and g.member(o) for g in rep.groups), rep.table()
+
+
+class ConstantPicks(torch.nn.Module):
+    """Fixed channels picked by constant indices: a run (a slice) and a scattered list (one-unit slices)."""
+
+    def __init__(self, select: bool) -> None:
+        super().__init__()
+        self.select = select
+        self.a = torch.nn.Linear(4, 10)
+        self.b = torch.nn.Linear(3, 2)
+        self.c = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.select:
+            run, scattered = h.index_select(1, torch.tensor([2, 3, 4])), h.index_select(1, torch.tensor([9, 6]))
+        else:
+            run, scattered = h[:, [2, 3, 4]], h[:, [9, 6]]
+        return self.b(run) + self.c(scattered)
+
+
+@pytest.mark.parametrize("select", [False, True], ids=["index", "index_select"])
+def test_constant_indices_cut_the_dim_instead_of_pinning_it(select):
+    _, _, rep = analyse(ConstantPicks(select), (torch.randn(3, 4),), "index_select" if select else "index")
+    # the picked run [2, 5) is a group with b's columns; channels nobody picks ([0, 2), 5, [7, 9)) stay free
+    picked = next(g for g in rep.groups if g.member("b.weight"))
+    assert picked.num_units == 3 and picked.member("a.weight")[0].occurrences[0].offsets == (2,), rep.table()
+    assert sum(g.num_units for g in rep.groups if g.member("a.weight")) >= 3 + 2 + 2
