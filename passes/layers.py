@@ -262,9 +262,11 @@ class ConvType(LayerType):
     def resize_error(self, module: nn.Module, tensor: str, kept: Mapping[int, int]) -> str | None:
         w = _weight(module)
         depthwise = w is not None and w.shape[1] == 1 and not module.transposed
-        if tensor == "weight" and module.groups > 1 and not depthwise:
-            return (f"{type(module).__name__} with groups={module.groups} cannot lose channels unevenly; exclude its "
-                    "group (ratio 0 for conv_channels) or use groups=1/depthwise convolutions.")
+        # prune keeps `groups` and checks the per-group counts from its masks; a count alone can only be uneven
+        if tensor == "weight" and module.groups > 1 and not depthwise and kept.get(0, 0) % module.groups:
+            return (f"{type(module).__name__} with groups={module.groups} cannot keep {kept[0]} channels (not the "
+                    "same number in every group); exclude its group (ratio 0 for conv_channels) or use "
+                    "groups=1/depthwise convolutions.")
         return None
 
 
