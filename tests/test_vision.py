@@ -246,3 +246,16 @@ def test_prune_grouped_conv_removes_the_same_channels_in_every_group() -> None:
     assert model.reduce.in_channels == 24 and model.bn3.num_features == 24
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+def test_s2ft_conv_under_bf16_autocast_matches_the_conv() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    ref = copy.deepcopy(conv)
+    m = S2FTConv(conv, conv.weight, conv.bias, False, 0, [0], [3], "view")
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = m(x), ref(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().pow(2).sum().backward()
+    assert m.blocks[0].grad.dtype == torch.float32 and x.grad.dtype == torch.float32
