@@ -152,6 +152,35 @@ def assemble_weight(weight: Tensor, blocks: Sequence[Tensor], dim: int, starts: 
     return torch.cat(pieces, dim=dim)
 
 
+def _fresh_matmul(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ w (+ bias)`` over ``x``'s last dim, returned in a tensor of its own (never a view of anything).
+
+    A custom op with ``mutates_args=()`` must return fresh tensors: autograd marks a view output as created
+    inside a custom Function and refuses any later in-place edit of it (Swin V2 adds into its attention
+    output in place). ``F.linear`` with a bias on an input of 1 or 3+ dims returns a view of its 2-D ``addmm``
+    result, so the GEMM writes straight into the output's storage instead (no copy).
+
+    Args:
+        x: input ``[..., k]``.
+        w: ``[k, n]`` (``W.T`` for the forward, ``W`` for the input gradient).
+        bias: ``[n]`` or None.
+
+    Example:
+        >>> y = _fresh_matmul(torch.ones(2, 3, 4), torch.ones(4, 5), torch.zeros(5))
+        >>> y.shape, y._base is None
+        (torch.Size([2, 3, 5]), True)
+    """
+    dtype = torch.promote_types(x.dtype, w.dtype)  # what the fake kernels promise
+    out = torch.empty((*x.shape[:-1], w.shape[1]), dtype=dtype, device=x.device)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    w = w.to(dtype)
+    if bias is None:
+        torch.mm(x2, w, out=out.view(x2.shape[0], w.shape[1]))
+    else:
+        torch.addmm(bias.to(dtype), x2, w, out=out.view(x2.shape[0], w.shape[1]))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # s2ft_weight_grad: the block gradients as one op
 # --------------------------------------------------------------------------------------------------------------
@@ -246,7 +275,7 @@ def _fake_input_grad(grad_y, weight, blocks, dim, starts):
 def s2ft_input_grad(grad_y: Tensor, weight: Tensor, blocks: list[Tensor], dim: int, starts: list[int]) -> Tensor:
     """``grad_y @ W`` with ``W`` assembled as in :func:`s2ft_linear` (zero-copy when blocks are views in place)."""
     validate_tensors(None, weight, None, blocks, dim, starts)
-    return torch.matmul(grad_y, assemble_weight(weight, blocks, dim, starts))
+    return _fresh_matmul(grad_y, assemble_weight(weight, blocks, dim, starts), None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,7 +344,7 @@ def s2ft_linear(x: Tensor, weight: Tensor, bias: Tensor | None, blocks: list[Ten
     Gradients flow to ``x`` and ``blocks`` only; ``weight`` and ``bias`` are frozen (their grads are ``None``).
     """
     validate_tensors(x, weight, bias, blocks, dim, starts)
-    return F.linear(x, assemble_weight(weight, blocks, dim, starts), bias)
+    return _fresh_matmul(x, assemble_weight(weight, blocks, dim, starts).t(), bias)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -105,9 +105,10 @@ def test_s2ft_config_list_of_projections_is_a_tuple():
 # ------------------------------------------------------------------------------------- ratios that select nothing
 def test_default_ratio_rounding_to_zero_heads_warns_with_the_ratio_that_selects_one():
     model = _llama(heads=4, kv_heads=4)  # round(0.1 * 4) = 0 heads per layer
+    # min_units=0: ratios may round to nothing (the default min_units=1 trains one head: test_s2ft_defaults.py)
     with pytest.warns(ZeroUnitsWarning, match=r"attention_ratio 0.1 selects 0 of 4 heads per layer.*0.25 or more "
                                               r"selects one"):
-        s2ft(model, (IDS,), S2FTConfig(progress=False))
+        s2ft(model, (IDS,), S2FTConfig(progress=False, min_units=0))
     kinds = {u.kind for u in state_of(model).units}
     assert kinds == {"ffn"}  # what the warning says: no attention trains
 
@@ -117,7 +118,7 @@ def test_ratio_that_selects_no_unit_anywhere_is_an_error_with_the_hint(base):
     before = _snapshot(model)
     with pytest.raises(ConfigError, match=r"select no unit at all.*attention_ratio 0.1 selects 0 of 2 heads per "
                                           r"layer.*0.5 or more selects one"):
-        s2ft(model, (IDS,), S2FTConfig(ffn=(), attention_ratio=0.1, progress=False))
+        s2ft(model, (IDS,), S2FTConfig(ffn=(), attention_ratio=0.1, progress=False, min_units=0))
     _assert_untouched(model, before)
 
 
@@ -126,7 +127,7 @@ def test_global_scope_rounding_to_zero_is_an_error_with_the_hint(base):
     before = _snapshot(model)
     with pytest.raises(ConfigError, match=r"ffn_ratio 0.001 selects 0 of 256 channels across layers "
                                           r"\(scope='global'\).*0.003906 or more selects one"):
-        s2ft(model, (IDS,), S2FTConfig(attention=(), ffn_ratio=0.001, scope="global", progress=False))
+        s2ft(model, (IDS,), S2FTConfig(attention=(), ffn_ratio=0.001, scope="global", progress=False, min_units=0))
     _assert_untouched(model, before)
 
 

@@ -425,10 +425,13 @@ def test_fused_and_interleaved_projections():
     sparsify_fx.s2ft(phi, (IDS,), sparsify_fx.S2FTConfig(ffn=("up", "down"), ffn_ratio=0.25, attention=()))
     (mod,) = [m for m in phi.modules() if isinstance(m, S2FTLinear) and m.weight.shape[0] == 256]
     assert mod.starts == [128] and mod.lengths == [32], "only the up half (rows 128..255) trains"
-    # GPT-NeoX: q, k, v interleave inside each head; asking for v alone is refused, qkv trains them together
+    # GPT-NeoX: q, k, v interleave inside each head ([head][q|k|v][16]); v trains as one block per selected head
+    # inside the fused weight (issue 13), qkv trains whole heads
     neox = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**c)).eval()
-    with pytest.raises(sparsify_fx.ConfigError, match=r"\['v'\].*qkv"):
-        sparsify_fx.s2ft(neox, (IDS,), sparsify_fx.S2FTConfig(attention=("v", "o")))
+    v_only = copy.deepcopy(neox)
+    sparsify_fx.s2ft(v_only, (IDS,), sparsify_fx.S2FTConfig(attention=("v", "o"), attention_ratio=0.5))
+    qkv = v_only.gpt_neox.layers[0].attention.query_key_value
+    assert qkv.starts == [32, 80] and qkv.lengths == [16, 16]
     sparsify_fx.s2ft(neox, (IDS,), sparsify_fx.S2FTConfig(attention=("qkv", "o"), attention_ratio=0.5))
     qkv = neox.gpt_neox.layers[0].attention.query_key_value
     assert qkv.starts == [0] and qkv.lengths == [2 * 3 * 16]
