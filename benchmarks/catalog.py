@@ -196,7 +196,11 @@ def make_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
         bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None) or 80
         frames = 2 * getattr(config, "max_source_positions", 16)
         inputs[main] = torch.randn(BATCH, bins, frames, generator=g)
-    elif main == "input_values":
+    elif main == "input_values" and isinstance(getattr(config, "num_mel_bins", None), int):
+        # spectrogram transformers (AST-style) take [batch, frames, mel bins]
+        frames = getattr(config, "max_length", None) or 64
+        inputs[main] = torch.randn(BATCH, frames, config.num_mel_bins, generator=g)
+    elif main == "input_values":  # raw waveform
         inputs[main] = torch.randn(BATCH, 1600, generator=g)
     else:
         inputs[main] = ids
@@ -728,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-gb", type=float, default=4.0, help="extra address space per model (0: no cap)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep the records already in OUT/catalog.json")
+    ap.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                    help="run in a seeded random order, so a sweep cut short is a fair sample, not the a-to-c types")
     args = ap.parse_args(argv)
 
     import transformers  # noqa: F401 - imported once here, shared by every forked child
@@ -743,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         for d in json.loads((args.out / "catalog.json").read_text())["models"]:
             done[d["model_type"]] = record_from_dict(d)
     todo = [t for t in types if t not in done]
+    if args.shuffle is not None:
+        import random
+
+        random.Random(args.shuffle).shuffle(todo)
     print(f"{len(todo)} model types to run ({len(done)} kept), {args.jobs} at a time", flush=True)
     order = {t: k for k, t in enumerate(model_types())}
     summary: dict[str, Any] = {}
