@@ -331,7 +331,8 @@ class PinnedFFN(torch.nn.Module):
     [
         (models.llama, {"ffn_ratio": 0.0}, r"ffn_ratio must be a finite number in \(0, 1\]"),
         (models.llama, {"attention_ratio": 1.5}, r"attention_ratio must be a finite number in \(0, 1\]"),
-        (models.llama, {"ffn_ratio": True}, r"ffn_ratio must be a finite number in \(0, 1\]"),  # a bool, not the ratio 1
+        # a bool, not the ratio 1
+        (models.llama, {"ffn_ratio": True}, r"ffn_ratio must be a finite number in \(0, 1\]"),
         (models.llama, {"budget": True}, "budget must be a positive int"),
         (models.llama, {"budget": 1}, "select no unit"),
         (models.gpt2, {"ffn": ("gate", "up", "down")}, r"\['gate'\].*do not exist"),
