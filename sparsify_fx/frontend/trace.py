@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import operator
 import os
+import sys
+import threading
 import traceback
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 
 from sparsify_fx.errors import TraceError
-from sparsify_fx.frontend.graph import TracedGraph
+from sparsify_fx.frontend.graph import InputInfo, TracedGraph, tied_names
+
+
+class TraceFallbackWarning(UserWarning):
+    """torch.export failed and the graph was captured through dynamo instead (named cause, graph count)."""
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -50,15 +60,42 @@ def tracing_friendly(model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_fake_tensor_errors() -> Iterator[None]:
-    # On a failing op, FakeTensor logs the whole traceback at ERROR before raising; we re-raise it as a
-    # TraceError naming the cause and the user's line, so the log would only repeat it, louder.
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    # On a failing op, FakeTensor logs the whole traceback at ERROR before raising, a data-dependent guard logs
+    # a warning and export prints the partial graph to stderr; we re-raise it as a TraceError (or fall back)
+    # naming the cause and the user's line, so all of that would only repeat it, louder. Whatever reached
+    # stderr is passed on when the export succeeds.
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    buf = io.StringIO()
+    failed = False
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if not failed and buf.getvalue():
+            sys.stderr.write(buf.getvalue())
+
+
+@contextlib.contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    # FX records the Python stack of every traced op (symbolised, each frame's source line read): about a third
+    # of torch.export's time on a Llama, linear in the layers. Nothing downstream reads node.meta["stack_trace"];
+    # a failure is still reported from the exception's own traceback (_user_frame).
+    import torch.fx.config as fx_config
+
+    saved = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
     try:
         yield
     finally:
-        logger.setLevel(level)
+        fx_config.do_not_emit_stack_traces = saved
 
 
 def _dynamic_shapes(args: tuple, kwargs: dict, dynamic: bool | Any) -> Any:
@@ -95,6 +132,121 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
+# ---------------------------------------------------------------------------------------- dynamo fallback
+# One backend object for every capture, so dynamo's cache entries for a model are reused rather than piling up;
+# graphs are recorded when they *run* (a cache hit records too), into the sink of the capture in progress.
+_SINK = threading.local()
+
+
+def _recording_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    # read the FQNs now: dynamo drops the placeholders' guard sources once the backend returns
+    infos = list(TracedGraph.from_dynamo(gm).inputs.values())
+
+    def run(*args: Any) -> Any:
+        sink = getattr(_SINK, "graphs", None)
+        if sink is not None:
+            sink.append((gm, infos, args))
+        return gm.forward(*args)
+
+    return run
+
+
+def _dynamo_graphs(model: torch.nn.Module, args: tuple, kwargs: dict
+                   ) -> list[tuple[torch.fx.GraphModule, list[InputInfo], tuple]]:
+    """Run ``model`` once through dynamo; the graphs it ran, in execution order, with their inputs' meaning and
+    their flat inputs."""
+    import torch._dynamo
+
+    compiled = torch.compile(model, backend=_recording_backend, dynamic=False)  # wraps; the model is not changed
+    _SINK.graphs = []
+    try:
+        # a silent eager fallback at dynamo's recompile limit would capture part of the model: fail instead
+        with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20,
+                                        fail_on_recompile_limit_hit=True), torch.no_grad():
+            compiled(*args, **kwargs)
+        graphs = _SINK.graphs
+    finally:
+        _SINK.graphs = None
+    if not graphs:
+        raise TraceError("dynamo captured no graph (the forward ran entirely in Python)")
+    return graphs
+
+
+def _combine(parts: list[tuple[torch.export.ExportedProgram, list[InputInfo]]], model: torch.nn.Module) -> TracedGraph:
+    """Several exported graph-break pieces as one graph: a parameter is one placeholder wherever it is read;
+    every other piece input is a model input and every piece output a model output, so whatever crosses a
+    graph break (through Python the analysis never saw) is pinned, which keeps every reported group sound."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    g = torch.fx.Graph()
+    root = torch.nn.Module()
+    inputs: dict[str, InputInfo] = {}
+    shared: dict[str, torch.fx.Node] = {}
+    maps: list[dict[torch.fx.Node, torch.fx.Node]] = []
+    for i, (ep, infos) in enumerate(parts):  # placeholders first, for all pieces
+        val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+        nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        user = 0
+        for spec in ep.graph_signature.input_specs:
+            node = nodes.get(getattr(spec.arg, "name", None) or "")
+            if node is None:
+                continue
+            if spec.kind.name == "USER_INPUT":
+                info = infos[user] if user < len(infos) else InputInfo("input")
+                user += 1
+            else:  # a tensor the piece holds itself (a constant dynamo lifted): not a model FQN
+                info = InputInfo("constant", f"graph {i}: {spec.target}")
+            if info.kind in ("parameter", "buffer") and info.target in state:
+                if info.target not in shared:
+                    shared[info.target] = g.placeholder(info.target.replace(".", "_"))
+                    shared[info.target].meta = dict(node.meta)
+                    inputs[shared[info.target].name] = info
+                val_map[node] = shared[info.target]
+                continue
+            if info.kind in ("parameter", "buffer"):
+                info = InputInfo("constant", info.target)  # a source that is not one of the model's tensors
+            ph = g.placeholder(f"g{i}_{node.name}")
+            ph.meta = dict(node.meta)
+            inputs[ph.name] = info
+            val_map[node] = ph
+        maps.append(val_map)
+    outs: list[Any] = []
+    for i, ((ep, _), val_map) in enumerate(zip(parts, maps)):
+        look = val_map.__getitem__
+        for node in ep.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                res = torch.fx.node.map_arg(node.args[0], look)
+                outs.extend(res if isinstance(res, list | tuple) else [res])
+                continue
+            if node.op == "get_attr":
+                name = f"g{i}_{str(node.target).replace('.', '_')}"
+                setattr(root, name, operator.attrgetter(str(node.target))(ep.graph_module))
+                new = g.get_attr(name)
+                new.meta = dict(node.meta)
+                val_map[node] = new
+                continue
+            val_map[node] = g.node_copy(node, look)
+    g.output(tuple(outs))
+    return TracedGraph(torch.fx.GraphModule(root, g), inputs, "dynamo", tied=tied_names(state))
+
+
+def _trace_with_dynamo(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph, int]:
+    """The ATen graph of every piece dynamo captures (each piece exported like a model), as one TracedGraph."""
+    parts = []
+    for gm, infos, flat in _dynamo_graphs(model, args, kwargs):
+        with torch.no_grad(), _quiet_fake_tensor_errors():
+            ep = torch.export.export(gm, tuple(flat), strict=False)
+        parts.append((ep, infos))
+    return _combine(parts, model), len(parts)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -113,23 +265,59 @@ def trace(
     works. Parameters are known by FQN; tied weights are found by aliasing (one tensor under two names, or
     one storage object), never by data address, which is 0 for every meta tensor.
 
-    Raises :class:`TraceError` naming the failing op or source line.
+    Where torch.export fails (data-dependent Python branches, shapes export cannot prove), the model runs once
+    through dynamo instead (``torch.compile`` with a recording backend; no grad, static shapes) and each graph
+    it captures is exported on its own, parameters keeping their FQNs; a :class:`TraceFallbackWarning` names
+    the export failure. With graph breaks the pieces become one graph in which what crosses a break is pinned.
+
+    Args:
+        model: the module to trace; not modified (its KV cache setting is restored).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        dynamic: ``True`` for dynamic batch/sequence dims, or a torch.export ``dynamic_shapes`` spec.
+
+    Example:
+        >>> tg = trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+        >>> sorted(tg.state_nodes())
+        ['bias', 'weight']
+
+    Raises :class:`TraceError` naming the failing op or source line when neither torch.export nor dynamo can
+    capture the model.
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}.")
     args, kwargs = _split_inputs(example_inputs)
     try:
-        with tracing_friendly(model), _quiet_fake_tensor_errors():
+        with tracing_friendly(model), _quiet_fake_tensor_errors(), _without_stack_traces():
             ep = torch.export.export(
                 model, args, kwargs or None, dynamic_shapes=_dynamic_shapes(args, kwargs, dynamic), strict=False
             )
     except Exception as exc:  # torch raises many types; all mean "not traceable"
-        where = _user_frame(exc)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fallback(model, args, kwargs, exc)
+    return TracedGraph.from_exported(ep)
+
+
+def _fallback(model: torch.nn.Module, args: tuple, kwargs: dict, exc: Exception) -> TracedGraph:
+    """torch.export failed: capture through dynamo, or raise a TraceError naming the export failure's line."""
+    where = _user_frame(exc)
+    cause = f"{type(exc).__name__}: {_first_line(exc)}"
+    try:
+        with tracing_friendly(model):
+            tg, pieces = _trace_with_dynamo(model, args, kwargs)
+    except Exception as dyn_exc:  # noqa: BLE001 - the export failure is the one to report; dynamo's is added
         raise TraceError(
-            f"could not trace {type(model).__name__} with torch.export: {type(exc).__name__}: {first}"
+            f"could not trace {type(model).__name__} with torch.export: {cause}"
             + (f"\n  failing line: {where}" if where else "")
+            + f"\n  dynamo fallback failed too: {type(dyn_exc).__name__}: {_first_line(dyn_exc)}"
             + "\n  fix: make that code traceable (no data-dependent Python control flow on tensor "
             "values, no untraceable Python objects as inputs), or pass inputs that avoid it."
         ) from exc
-    return TracedGraph.from_exported(ep)
+    warnings.warn(
+        f"torch.export could not trace {type(model).__name__} ({cause}"
+        + (f"; at {where}" if where else "")
+        + f"); captured it through dynamo instead, in {pieces} graph(s). The analysis holds for the branches "
+        "these example inputs take, with static shapes"
+        + ("; tensors crossing a graph break are pinned like model inputs and outputs." if pieces > 1 else "."),
+        TraceFallbackWarning,
+        stacklevel=3,
+    )
+    return tg
