@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,22 @@ class Explanation:
     @property
     def fallbacks(self) -> list[str]:
         return [f for g in self.graphs for f in g.fallbacks]
+
+    def to_html(self, path: str | os.PathLike | None = None, *, title: str = "sparsify_fx explain") -> str:
+        """One self-contained HTML page: per graph the rewrites that fired and why, nodes removed or sliced,
+        saved-activation bytes before/after and the graph text before/after side by side.
+
+        Args:
+            path: the ``.html`` file to write, or None to only return the text.
+            title: the page title.
+
+        Example::
+
+            sparsify_fx.explain(model, (x,), verbose=False).to_html("explain.html")
+        """
+        from sparsify_fx.html import explanation_html
+
+        return explanation_html(self, path, title=title)
 
     def __str__(self) -> str:
         lines = [f"sparsify: {len(self.graphs)} graph(s), {len(self.graph_breaks)} graph break(s)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -170,6 +171,31 @@ class CouplingReport:
                 g.add_node(fqn, type="parameter")
                 g.add_edge(name, fqn, dim=dim)
         return g
+
+    def to_html(self, path: str | os.PathLike | None = None, *, model: torch.nn.Module | None = None,
+                dump: str | os.PathLike | None = None, explanation: object | None = None,
+                title: str = "sparsify_fx report") -> str:
+        """One self-contained HTML page (inline CSS/SVG, no network); written to ``path`` if given.
+
+        Layers as rows of head and channel cells coloured by group (GQA: boxed per kv head), pinned spaces
+        with their reasons, each group's coupling graph as SVG; with an S²FT ``model`` its selected units and
+        co-permutation, with a ``dump`` folder or an ``explanation`` what the compile backend changed.
+
+        Args:
+            path: the ``.html`` file to write, or None.
+            model: the S²FT-transformed model this report was made for (selection and permutation).
+            dump: a ``torch.compile(..., backend="sparsify", options={"dump": ...})`` folder.
+            explanation: a :func:`sparsify_fx.explain` result.
+            title: the page title.
+
+        Example::
+
+            sparsify_fx.analyze(model, (ids,)).to_html("report.html")
+        """
+        from sparsify_fx import html
+
+        return html.write(path, self, model=model, dump=dump, explanation=explanation,  # type: ignore[arg-type]
+                          title=title)
 
     def to_dot(self, path: str | None = None) -> str:
         """Graphviz DOT of the coupling graph; written to ``path`` if given."""
