@@ -25,6 +25,7 @@ import torch.nn as nn
 from sparsify_fx._io import save_safetensors_atomic, write_text_atomic
 from sparsify_fx.errors import AdapterError
 from sparsify_fx.passes.s2ft import state_of
+from sparsify_fx.passes.s2ft_experts import block_key
 from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
@@ -303,7 +304,12 @@ def _unpermute(t: torch.Tensor, fqn: str, st: Any) -> torch.Tensor:
         group, inv = st.groups[name], torch.argsort(st.perms[name])
         for m in group.members:
             if m.fqn == fqn:
-                t = t.index_select(m.dim, m.index(inv).to(t.device))
+                idx = m.index(inv).to(t.device)
+                if m.expert is None:
+                    t = t.index_select(m.dim, idx)
+                else:  # one expert's slice of a stacked weight
+                    t = t.clone()
+                    t[m.expert] = t[m.expert].index_select(m.dim - 1, idx)
     return t
 
 
@@ -511,6 +517,8 @@ def _original_index(st: Any) -> dict[str, dict[int, torch.Tensor]]:
     for name in reversed(list(st.perms)):
         group, inv = st.groups[name], torch.argsort(st.perms[name])
         for m in group.members:
+            if m.expert is not None:
+                continue  # per-expert orders do not compose into one index per dim: export samples those unpermuted
             j = m.index(inv).cpu()
             dims = index.setdefault(m.fqn, {})
             dims[m.dim] = dims[m.dim][j] if m.dim in dims else j
@@ -535,8 +543,11 @@ def export_adapter(model: nn.Module) -> Adapter:
     model = unwrap(model)
     st = state_of(model)
     if any(_is_dtensor(p) for p in model.parameters()):
+        if st.experts:
+            raise AdapterError("export_adapter of an FSDP2-sharded model with trained stacked experts is not "
+                               "supported yet; export it unsharded (or gathered on one rank).")
         return _export_sharded(model, st)
-    for name in st.modules:
+    for name in [*st.modules, *st.experts]:
         model.get_submodule(name).sync_()
     entries: dict[str, AdapterEntry] = {}
     touched: dict[str, torch.Tensor] = {}
@@ -548,10 +559,21 @@ def export_adapter(model: nn.Module) -> Adapter:
         w = _tensor(model, fqn).detach()
         dim = slices[0].dim
         base = w.clone()
-        marker = torch.zeros(w.shape[dim], dtype=torch.bool)
+        # one marker row per expert of a stacked weight (each expert trains its own positions); the entry holds
+        # their union, with a zero delta where an expert did not train a position
+        stacked = slices[0].expert is not None
+        marker = torch.zeros(w.shape[0] if stacked else 1, w.shape[dim], dtype=torch.bool)
         for s in slices:
-            base.narrow(dim, s.start, s.length).copy_(st.base_blocks[(fqn, s.start)])
-            marker[s.start : s.start + s.length] = True
+            dst = base[s.expert].narrow(dim - 1, s.start, s.length) if stacked else base.narrow(dim, s.start, s.length)
+            dst.copy_(st.base_blocks[block_key(s)])
+            marker[s.expert if stacked else 0, s.start : s.start + s.length] = True
+        retired = st.retired.get(fqn, {})
+        if retired:  # units that trained and left (adaptive re-selection): their delta stays in the frozen weight
+            where = _original_index(st).get(fqn, {}).get(dim)
+            for row, vals in retired.items():
+                pos = int(where[row]) if where is not None else row
+                base.narrow(dim, pos, 1).copy_(vals)
+                marker[0, pos] = True
         base_orig = _unpermute(base, fqn, st)
         delta_orig = _unpermute(w - base, fqn, st)
         marker_orig = marker
@@ -559,14 +581,21 @@ def export_adapter(model: nn.Module) -> Adapter:
             group, inv = st.groups[name], torch.argsort(st.perms[name])
             for m in group.members:
                 if m.fqn == fqn and m.dim == dim:
-                    marker_orig = marker_orig[m.index(inv)]
-        index = torch.nonzero(marker_orig).flatten()
+                    rows = slice(None) if m.expert is None else slice(m.expert, m.expert + 1)
+                    marker_orig = marker_orig.clone()
+                    marker_orig[rows] = marker_orig[rows][:, m.index(inv)]
+        index = torch.nonzero(marker_orig.any(0)).flatten()
         entries[fqn] = AdapterEntry(fqn, dim, tuple(w.shape), index, delta_orig.index_select(dim, index).clone())
         touched[fqn] = _sample(base_orig.index_select(dim, index.to(base_orig.device)), _TOUCHED_SAMPLE)
-        bases[fqn] = base
+        # a stacked expert weight is sampled in original coordinates (per-expert orders have no per-dim index)
+        bases[fqn] = base_orig if stacked else base
     # the base's tensors: the S²FT model's, less the trainable blocks (views of, or copies synced into, weights)
-    blocks = tuple(f"{name}.blocks." for name in st.modules)
+    blocks = tuple(f"{name}.blocks." for name in [*st.modules, *st.experts])
     original = _original_index(st)
+    for fqn in {m.fqn for g in st.groups.values() for m in g.members if m.expert is not None}:
+        original.pop(fqn, None)
+        if fqn not in bases:  # permuted per expert without training (e.g. gate_up_proj with ffn=("down",))
+            bases[fqn] = _unpermute(_tensor(model, fqn).detach(), fqn, st)
     sample = _BaseSample(
         {
             f: (tuple(t.shape), t.dtype, _sample(bases.get(f, t), _BASE_SAMPLE, original.get(f)))

@@ -51,12 +51,16 @@ class UnitSlice:
     dim: int
     index: torch.Tensor  # [units, k] long
     role: str | None = None  # the member's role: "in" (the group is contracted here), "out", or None
+    # a stacked expert weight ([E, ...]): the slice lies inside ``t[expert]`` only (``dim`` counts the full tensor's
+    # dims), so each expert's units are scored on its own values
+    expert: int | None = None
 
     @classmethod
-    def span(cls, fqn: str, dim: int, occ: Occurrence, role: str | None = None) -> UnitSlice:
+    def span(cls, fqn: str, dim: int, occ: Occurrence, role: str | None = None,
+             expert: int | None = None) -> UnitSlice:
         """The slice of one occurrence's first block: unit ``u`` owns ``[b + u * inner, b + (u + 1) * inner)``."""
         index = occ.offsets[0] + torch.arange(occ.units * occ.inner).view(occ.units, occ.inner)
-        return cls(fqn, dim, index, role)
+        return cls(fqn, dim, index, role, expert)
 
     @property
     def module(self) -> str:
@@ -64,11 +68,17 @@ class UnitSlice:
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """``[units, rest]``: row ``u`` holds every element of ``t`` (this slice's tensor) that unit ``u`` owns."""
-        return t.movedim(self.dim, 0)[self.index.to(t.device)].reshape(self.index.shape[0], -1)
+        t, dim = self._own(t)
+        return t.movedim(dim, 0)[self.index.to(t.device)].reshape(self.index.shape[0], -1)
 
     def per_index(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over every dim but ``dim``: one value per position along ``dim``."""
-        return t.movedim(self.dim, 0).reshape(t.shape[self.dim], -1).sum(1)
+        t, dim = self._own(t)
+        return t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
+
+    def _own(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The part of ``t`` the slice lies in (one expert's slice of a stacked weight) and its dim there."""
+        return (t, self.dim) if self.expert is None else (t[self.expert], self.dim - 1)
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,11 @@ class Calibration:
         field: the config field, for the fallback advice (``"use score='magnitude'"``).
         where: the pass, prefixed to messages and progress bars (``"prune"``), or ``""``.
         progress: show a progress bar over the batches.
+        distributed: when ``torch.distributed`` is initialised with more than one process, sum the statistics
+            over ``process_group`` so that every rank ranks the same units from its own calibration shard (see
+            :func:`reduce_group`); False scores each rank's batches alone (FSDP2-sharded gradients are averaged
+            by FSDP itself either way).
+        process_group: the group to reduce over; None is the default (world) group.
 
     Example:
         >>> Calibration([ids], option="score='activation'", field="score", where="prune").label
@@ -129,11 +144,18 @@ class Calibration:
     field: str = "score"
     where: str = ""
     progress: bool = False
+    distributed: bool = True
+    process_group: Any = None
     _stats: dict[tuple[tuple[str, int], ...], dict[str, Stats]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
         return f"{self.where}: {self.option}" if self.where else self.option
+
+    @property
+    def group(self) -> Any:
+        """The process group statistics are reduced over, or None when this process scores alone."""
+        return reduce_group(self.process_group) if self.distributed else None
 
     def require_batches(self) -> Sequence[Any]:
         if not self.batches:
@@ -186,6 +208,8 @@ class Calibration:
         hooks = [(model, count)] + [(model.get_submodule(m), hook(m, a)) for m, a in inputs.items()]
         calibrate(model, hooks, self.require_batches(), f"{self.where or 'calibration'} ({self.option})",
                   self.progress)
+        if self.group is not None:
+            _all_reduce_stats(stats, list(inputs), self.group)
         self._stats[key] = stats
         return stats
 
@@ -195,7 +219,8 @@ class Importance(ABC):
 
     Subclasses implement :meth:`score`; calling the object checks that every group got ``num_units`` finite
     scores and returns them on the CPU in each :class:`Units`' dtype. ``needs_batches`` / ``needs_loss`` let a
-    pass refuse a config without calibration data before it reads the model.
+    pass refuse a config without calibration data before it reads the model; ``needs_values`` False lets it plan
+    on the meta device.
 
     Example:
         >>> scores = MagnitudeImportance()(model, units)   # {group name: tensor [num_units]}
@@ -203,6 +228,7 @@ class Importance(ABC):
 
     needs_batches: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
+    needs_values: ClassVar[bool] = True  # reads weights or runs the model, so a meta-device model cannot be scored
 
     @property
     def name(self) -> str:
@@ -247,6 +273,8 @@ class RandomImportance(Importance):
     Example:
         >>> RandomImportance(0)(model, units)
     """
+
+    needs_values = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -293,7 +321,7 @@ class MagnitudeImportance(Importance):
         """One group's scores."""
         parts: dict[str, torch.Tensor] = {}
         for s in u.weights:
-            t = get_tensor(model, s.fqn).detach().to(u.dtype)
+            t = _whole(get_tensor(model, s.fqn)).to(u.dtype)
             e = s.view(t.abs() if self.p != 2 else t).pow(self.p).sum(1).cpu()
             if not torch.isfinite(e).all():
                 raise ConfigError(
@@ -341,7 +369,7 @@ class ActivationImportance(Importance):
                     continue  # the module never ran on these batches
                 e = (st.s2 / max(st.n, 1)).to(u.dtype).cpu()
                 if f.weigh:
-                    t = get_tensor(model, f.weight.fqn).detach().to(u.dtype)
+                    t = _whole(get_tensor(model, f.weight.fqn)).to(u.dtype)
                     e = f.weight.per_index(t.pow(2)).cpu() * e
                 s += e[f.weight.index].sum(1)
                 found = True
@@ -399,18 +427,21 @@ class GradientImportance(Importance):
         targets = {u.name: self._targets(u) for u in units}
         params = {s.fqn: get_tensor(model, s.fqn) for ts in targets.values() for s in ts}
         scores = {u.name: torch.zeros(u.num_units, dtype=u.dtype) for u in units}
-        with _grad_enabled(model, params.values()):
+        group = calib.group
+        sharded = any(is_dtensor(p) for p in params.values())
+        with _grad_enabled(model, params.values(), all_grads=sharded):
             desc = f"{calib.where or 'calibration'} ({self.name})"
             for b, batch in enumerate(tqdm(batches, desc=desc, disable=not calib.progress, leave=False)):
                 loss = batch_loss(model, batch, calib.loss_fn, calib.option)
-                # NaN scores sort arbitrarily: refuse rather than rank by noise
-                if not torch.isfinite(loss.detach()).all():
+                # NaN scores sort arbitrarily: refuse rather than rank by noise (on every rank, or the others would
+                # wait in the next collective)
+                if _anywhere(not torch.isfinite(loss.detach()).all(), group):
                     raise ConfigError(
-                        f"{calib.label}: calibration batch {b} gives a non-finite loss ({loss.item()}), so its "
-                        f"gradients cannot rank units; drop or fix that batch (or the loss_fn), or use "
-                        f"{calib.field}='magnitude'."
+                        f"{calib.label}: calibration batch {b} gives a non-finite loss ({loss.item()}"
+                        f"{' on some rank' if group is not None else ''}), so its gradients cannot rank units; drop or "
+                        f"fix that batch (or the loss_fn), or use {calib.field}='magnitude'."
                     )
-                grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+                grads = _gradients(model, loss, params, sharded, group)
                 for u in units:
                     s = torch.zeros(u.num_units, dtype=u.dtype)
                     for sl in targets[u.name]:
@@ -421,7 +452,7 @@ class GradientImportance(Importance):
                         if self.kind is GradientKind.FISHER:
                             part = sl.view(g).pow(2).sum(1).cpu()
                         else:
-                            part = sl.view(g * params[sl.fqn].detach().to(u.dtype)).sum(1).cpu()
+                            part = sl.view(g * _whole(params[sl.fqn]).to(u.dtype)).sum(1).cpu()
                         if not torch.isfinite(part).all():
                             raise ConfigError(
                                 f"{calib.label}: calibration batch {b} gives non-finite gradients of {sl.fqn} "
@@ -434,10 +465,15 @@ class GradientImportance(Importance):
 
 
 class _grad_enabled:  # noqa: N801  (used as a context manager)
-    """Eval mode and ``requires_grad`` on ``params`` for the duration; flags, ``.grad`` and mode restored."""
+    """Eval mode and ``requires_grad`` on ``params`` for the duration; flags, ``.grad`` and mode restored (of every
+    parameter with ``all_grads``: ``backward`` writes them all)."""
 
-    def __init__(self, model: nn.Module, params: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, params: Iterator[torch.Tensor] | Sequence[torch.Tensor],
+                 all_grads: bool = False) -> None:
         self.model, self.params = model, list(params)
+        if all_grads:
+            known = {id(p) for p in self.params}
+            self.params += [p for p in model.parameters() if id(p) not in known]
 
     def __enter__(self) -> None:
         self.saved = [(p.requires_grad, p.grad) for p in self.params]
@@ -451,6 +487,160 @@ class _grad_enabled:  # noqa: N801  (used as a context manager)
             p.requires_grad_(flag)
             p.grad = grad
         self.model.train(self.training)
+
+
+class FixedImportance(Importance):
+    """Scores computed beforehand, per group name: what :func:`~sparsify_fx.passes.s2ft.score_units` returns from
+    a loaded (possibly FSDP2-sharded) model. It reads nothing from the model, so ``s2ft`` plans with it on the meta
+    device and picks exactly the units the data-based strategy picked on the loaded model.
+
+    Args:
+        scores: group name -> one finite score per unit.
+        origin: how messages name where the scores came from.
+
+    Example:
+        >>> fixed = FixedImportance({"g0": torch.tensor([0.1, 0.9])})
+        >>> fixed(model, units)["g0"]
+        tensor([0.1000, 0.9000])
+    """
+
+    needs_values = False
+
+    def __init__(self, scores: Mapping[str, torch.Tensor], origin: str = "given scores") -> None:
+        if not isinstance(scores, Mapping):
+            raise ConfigError(f"FixedImportance needs a mapping of group name -> scores, got {type(scores).__name__}.")
+        bad = [k for k, v in scores.items()
+               if not isinstance(k, str) or not isinstance(v, torch.Tensor) or v.dim() != 1]
+        if bad:
+            raise ConfigError(f"FixedImportance scores must map group names to 1-D tensors; {bad[:3]} do not.")
+        self.scores = {k: v.detach().to("cpu").clone() for k, v in scores.items()}
+        self.origin = origin
+
+    @property
+    def name(self) -> str:
+        return "fixed"
+
+    def __repr__(self) -> str:
+        return f"FixedImportance({self.origin}, {len(self.scores)} groups)"
+
+    def score(self, model: nn.Module, units: Sequence[Units], calib: Calibration) -> dict[str, torch.Tensor]:
+        missing = [u.name for u in units if u.name not in self.scores]
+        if missing:
+            raise ConfigError(
+                f"{calib.label}: there is no score for group(s) {missing[:3]} (the scores hold e.g. "
+                f"{sorted(self.scores)[:3]}): they were computed on another architecture or config; score this "
+                "model's own structure (score_units on the same architecture)."
+            )
+        return {u.name: self.scores[u.name] for u in units}
+
+
+# ---------------------------------------------------------------------- across processes
+def reduce_group(process_group: Any = None) -> Any:
+    """The group scoring statistics are summed over: ``process_group`` (None: the default group) when
+    ``torch.distributed`` is initialised and the group has more than one process, else None (nothing to reduce).
+
+    What is reduced, so that every rank ranks the same units from its own calibration shard:
+
+    - activation statistics (per-feature sums of ``x`` and ``x^2`` and the row count) are summed, so ``E[x^2]``
+      is over the rows of every rank: exactly one process on the concatenation of the ranks' batches;
+    - gradients are averaged per calibration step *before* they are squared (Fisher) or multiplied by the weights
+      (Taylor): step ``b`` scores the gradient of ``mean_r loss(rank r's batch b)``, which is what one process
+      computes on batch ``b`` of every rank concatenated when the loss is a mean over equal-size shards. (Summing
+      each rank's squared gradient instead would equal one process that sees the ranks' batches one by one.)
+      Plain parameters' gradients are all-reduced; FSDP2-sharded ones are averaged by FSDP's own reduce-scatter
+      in backward and gathered whole (``full_tensor``, one tensor at a time).
+
+    Args:
+        process_group: the group, or None for the default one.
+
+    Example:
+        >>> reduce_group() is None   # a single process
+        True
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2-sharded parameter or gradient)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "full_tensor")
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, a DTensor gathered whole (a collective: every rank calls it in the same order)."""
+    return t.detach().full_tensor() if is_dtensor(t) else t.detach()
+
+
+def _anywhere(flag: bool, group: Any) -> bool:
+    """``flag`` on any rank of ``group`` (one tiny all-reduce), so that every rank raises together."""
+    if group is None:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def _gradients(model: nn.Module, loss: torch.Tensor, params: dict[str, torch.Tensor], sharded: bool,
+               group: Any) -> dict[str, torch.Tensor | None]:
+    """The gradient of ``loss`` (averaged over ``group``'s ranks) for each of ``params``, whole."""
+    import torch.distributed as dist
+
+    if sharded:
+        # FSDP2 computes with gathered copies and reduce-scatters (averages) into the shards' .grad in backward;
+        # autograd.grad on the shards themselves would find them unused
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+        got = {fqn: p.grad for fqn, p in params.items()}
+    else:
+        got = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    out: dict[str, torch.Tensor | None] = {}
+    for fqn, g in got.items():
+        if g is not None and is_dtensor(g):
+            out[fqn] = g.full_tensor()
+            continue
+        if group is not None:
+            # a parameter unused on this rank's batch (an MoE expert) still takes part, with a zero gradient
+            g = torch.zeros_like(params[fqn]) if g is None else g.detach().clone()
+            dist.all_reduce(g, group=group)
+            g /= dist.get_world_size(group)
+        out[fqn] = g
+    return out
+
+
+def _all_reduce_stats(stats: dict[str, Stats], names: list[str], group: Any) -> None:
+    """Sum every rank's feature statistics in place: one all-reduce of the sums, one of the row counts. A module
+    that no batch of this rank reached takes part with zeros."""
+    import torch.distributed as dist
+
+    widths = torch.tensor([stats[n].s1.numel() if n in stats else 0 for n in names], dtype=torch.long)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
+    if not widths.any():
+        return
+    some = next(iter(stats.values()), None)
+    dtype, device = (some.s1.dtype, some.s1.device) if some is not None else (torch.float32, torch.device("cpu"))
+    present = [(n, w) for n, w in zip(names, widths.tolist()) if w]
+    for n, w in present:
+        st = stats.get(n)
+        if st is None:
+            stats[n] = Stats(torch.zeros(w, dtype=dtype, device=device), torch.zeros(w, dtype=dtype, device=device))
+        elif st.s1.numel() != w:
+            raise ConfigError(f"the input of {n} has {st.s1.numel()} features on this rank and {w} on another: every "
+                              "rank must score the same model.")
+    flat = torch.cat([t for n, _ in present for t in (stats[n].s1, stats[n].s2)])
+    counts = torch.tensor([stats[n].n for n, _ in present], dtype=torch.long)
+    dist.all_reduce(flat, group=group)
+    dist.all_reduce(counts, group=group)
+    at = 0
+    for (n, w), c in zip(present, counts.tolist()):
+        stats[n] = Stats(flat[at : at + w], flat[at + w : at + 2 * w], c)
+        at += 2 * w
 
 
 # one table from the names config fields accept to importance objects (each pass documents its subset)

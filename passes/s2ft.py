@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,11 @@ from sparsify_fx.passes.importance import (
     Calibration,
     Combine,
     Feed,
+    FixedImportance,
     Importance,
     Units,
     UnitSlice,
+    is_dtensor,
     option,
     resolve,
     select,
@@ -48,8 +50,12 @@ from sparsify_fx.passes.s2ft_conv import (
     drop_untrainable_convs,
     is_conv,
 )
+from sparsify_fx.passes.s2ft_experts import apply_experts, expert_numel, merge_experts, plan_experts
 from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, require_values, unwrap
 from sparsify_fx.passes.surgery import get_tensor as _tensor
+
+if TYPE_CHECKING:
+    from sparsify_fx.passes.reselect import Reselect
 
 log = logging.getLogger("sparsify_fx")
 
@@ -109,6 +115,13 @@ class S2FTConfig:
       input channels): ``out`` trains the producing convs' rows, ``in`` the consuming layers' input channels.
       Where one conv would train rows for one group and columns for another (a bottleneck's middle conv), its
       rows train and the columns are left out (:func:`describe` says so).
+    - ``distributed``: with ``torch.distributed`` initialised (more than one process), data-based strategies sum
+      their statistics over the default group so every rank picks the same units from its own calibration shard
+      (:func:`~sparsify_fx.passes.importance.reduce_group` says exactly what equals what); False scores each
+      rank's batches alone. A model already sharded by FSDP2 is scored with :func:`score_units`.
+    - ``reselect``: adaptive selection while training (:class:`~sparsify_fx.passes.reselect.Reselect`): every
+      ``every`` steps :func:`~sparsify_fx.reselect_` (or ``ReselectCallback`` in a Trainer) swaps the units that
+      moved least for unselected units with the largest accumulated gradient.
 
     The default ``attention=("v", "o")`` trains the closest projections where v has no rows of its own:
     where q, k and v interleave inside each head (GPT-NeoX) the v rows of each selected head train inside
@@ -134,6 +147,8 @@ class S2FTConfig:
     min_units: int = 1
     conv: tuple[str, ...] = CONV_PROJECTIONS
     conv_ratio: float = 0.1
+    distributed: bool = True
+    reselect: Reselect | None = None
 
     def __post_init__(self) -> None:
         # ffn="up" names one projection; iterated as a string it would be the projections "u" and "p"
@@ -224,11 +239,20 @@ class S2FTConfig:
             raise ConfigError(f"S2FTConfig.layout must be 'view' or 'separate', got {self.layout!r}.")
         if not isinstance(self.progress, bool):
             raise ConfigError(f"S2FTConfig.progress must be True or False, got {self.progress!r}.")
+        if not isinstance(self.distributed, bool):
+            raise ConfigError(f"S2FTConfig.distributed must be True or False, got {self.distributed!r}.")
         if not _is_int(self.min_units) or self.min_units < 0:
             raise ConfigError(
                 f"S2FTConfig.min_units must be a non-negative int (units per layer and kind), got "
                 f"{self.min_units!r}; 1 trains at least one unit per layer, 0 lets ratios round to none."
             )
+        if self.reselect is not None:
+            from sparsify_fx.passes.reselect import Reselect  # lazily: reselect's functions import this module
+
+            if not isinstance(self.reselect, Reselect):
+                raise ConfigError(f"S2FTConfig.reselect must be a Reselect(every=..., fraction=...) or None, got "
+                                  f"{self.reselect!r}.")
+            self.reselect.validate()
         if not self.attention and not self.ffn and not self.conv:
             raise ConfigError("S2FTConfig trains nothing: the attention, ffn and conv projections are all empty.")
 
@@ -237,6 +261,7 @@ class S2FTConfig:
         d.pop("calibration")
         d.pop("loss_fn")
         d.pop("progress")  # how the transform ran, not what it trained
+        d.pop("distributed")
         d["strategy"] = self.strategy if isinstance(self.strategy, str) else repr(self.strategy)  # JSON-safe
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
@@ -253,6 +278,7 @@ class Slice:
     length: int
     projection: str
     occurrence: Occurrence
+    expert: int | None = None  # a block inside expert ``expert``'s slice of a stacked [E, ...] weight
 
 
 @dataclass
@@ -279,7 +305,7 @@ class Unit:
         """Trainable parameters one unit adds (its slices of every trained projection)."""
         return sum(
             ((p[1] if (p := self.part(name, m, occ)) else occ.inner) * len(occ.offsets))
-            * _across(self.shapes[m.fqn], m.dim)
+            * (_across(self.shapes[m.fqn], m.dim) if m.expert is None else expert_numel(self.shapes[m.fqn], m.dim))
             for name, pairs in self.projections.items()
             for m, occ in pairs
         )
@@ -329,9 +355,9 @@ class ExpertsSkippedWarning(UserWarning):
 
 
 def _stacked_experts(model: nn.Module, g: Group) -> bool:
-    """Whether a group moves slices of stacked expert weights ([experts, ...]): S2FTLinear trains 2-D
-    linears, so these channels are skipped (each expert's slice would need its own block layout)."""
-    return g.expert is not None or any(
+    """Whether a group is one space shared by every expert of stacked expert weights ([experts, ...]): it is
+    skipped (a per-expert group, ``g.expert`` set, trains through :mod:`sparsify_fx.passes.s2ft_experts`)."""
+    return g.expert is None and any(
         not m.is_buffer and m.role in ("in", "out") and _tensor(model, m.fqn).dim() > 2 for m in g.members
     )
 
@@ -571,8 +597,10 @@ def _one_side_per_weight(units: list[Unit]) -> list[Unit]:
 def _ranked(u: Unit) -> Units:
     """How S²FT describes a unit to an importance: the slices it would train (summed), observed at its consumer's
     input (unweighted: S²FT retrains the consumer's columns)."""
-    weights = [UnitSlice.span(m.fqn, m.dim, occ, m.role) for pairs in u.projections.values() for m, occ in pairs]
-    consumer = next((m for m in u.group.members if m.role == "in" and not m.is_buffer), None)
+    weights = [UnitSlice.span(m.fqn, m.dim, occ, m.role, m.expert) for pairs in u.projections.values()
+               for m, occ in pairs]
+    # an expert's channels are not features of its module's input: no feed (activation falls back to magnitude)
+    consumer = next((m for m in u.group.members if m.role == "in" and not m.is_buffer and m.expert is None), None)
     axis = -1
     if u.kind == "conv":
         # a conv reads its channels along input axis 1; only a consumer whose shape the plan knows can say which
@@ -585,9 +613,10 @@ def _ranked(u: Unit) -> Units:
     return Units(u.group.name, u.group.num_units, weights, feeds, Combine.SUM, torch.float32)
 
 
-def _score(model: nn.Module, units: list[Unit], cfg: S2FTConfig) -> dict[str, torch.Tensor]:
+def _score(model: nn.Module, units: list[Unit], cfg: S2FTConfig, process_group: Any = None
+           ) -> dict[str, torch.Tensor]:
     calib = Calibration(list(cfg.calibration or []), cfg.loss_fn, option("strategy", cfg.strategy), "strategy",
-                        progress=cfg.progress)
+                        progress=cfg.progress, distributed=cfg.distributed, process_group=process_group)
     return resolve(cfg.strategy, cfg.seed)(model, [_ranked(u) for u in units], calib)
 
 
@@ -894,6 +923,10 @@ class S2FTState:
     modules: dict[str, str]  # module FQN -> weight FQN of swapped modules
     base_blocks: dict[tuple[str, int], torch.Tensor]  # (weight fqn, start) -> initial values
     requires_grad: dict[str, bool] = field(default_factory=dict)  # flags before the transform
+    # units that trained and left (adaptive re-selection, passes/reselect.py): weight fqn -> {index along its trained
+    # dim in original coordinates: base values there}; their deltas stay in the frozen weight and export includes them
+    retired: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    experts: dict[str, list[str]] = field(default_factory=dict)  # experts module FQN -> its trained stacked weights
 
 
 STATE_ATTR = "_sparsify_s2ft"
@@ -928,7 +961,8 @@ def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None
     cfg.validate()
     target = unwrap(model)
     require_composable(target, Verb.S2FT)
-    if cfg.strategy != "random":
+    _refuse_sharded(target)
+    if resolve(cfg.strategy).needs_values:
         require_values(target, f"S²FT strategy={cfg.strategy!r}", "it ranks units by weights, activations or "
                        "gradients; strategy='random' plans on the meta device")
     report = analyze(target, example_inputs)
@@ -936,10 +970,109 @@ def s2ft(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None
     scores = _score(target, units, cfg)
     _select(units, scores, cfg)
     units = [u for u in units if u.selected]
-    swaps = _swap_plan(target, units)
+    swaps = _swap_plan(target, [u for u in units if u.group.expert is None])
+    experts = plan_experts(target, [u for u in units if u.group.expert is not None])
     with Journal(target) as j:
-        _apply(target, units, swaps, cfg, j)
+        _apply(target, units, swaps, cfg, j, experts)
     return model
+
+
+# ---------------------------------------------------------------------- data-based selection on a sharded model
+def score_units(model: nn.Module, example_inputs: Any, config: S2FTConfig | None = None, *,
+                process_group: Any = None) -> FixedImportance:
+    """Score the units ``config`` ranks on a loaded model (plain, replicated on every rank, or FSDP2-sharded) and
+    return the scores as an importance with which :func:`s2ft` plans on the meta device.
+
+    This is the large-model flow for data-based strategies: meta → load → score → plan → shard → load. ``s2ft``
+    cannot transform a model FSDP2 has already sharded (``fully_shard`` manages only the parameters it saw; S²FT
+    adds block parameters), and ranking by gradients or activations needs loaded weights, so the ranking runs on a
+    loaded scoring model and the transform on a fresh meta model with ``strategy=`` the returned scores: it picks
+    exactly the units the strategy picks on the loaded model, on every rank. The checkpoint is read twice; the peak
+    stays one (sharded) model if the scoring model is freed first.
+
+    The structure is analysed on a meta-device twin of a sharded model (``torch.export`` cannot trace through
+    FSDP2's hooks and ``DTensor`` parameters), so nothing is gathered for it. Scoring is collective when
+    ``torch.distributed`` is initialised and ``config.distributed`` holds: every rank passes its own calibration
+    shard and gets the same scores (what equals what: :func:`~sparsify_fx.passes.importance.reduce_group`).
+
+    Args:
+        model: the loaded model; it is not changed (gradients and flags are restored).
+        example_inputs: positional (tuple) or keyword (dict) inputs to trace the structure with.
+        config: the S²FT config whose strategy and calibration rank the units.
+        process_group: the group to reduce over; None is the default group.
+
+    Example::
+
+        scorer = build_on_meta(); shard(scorer); scorer.to_empty(device="cpu"); sparsify_fx.load_base(scorer, ckpt)
+        cfg = S2FTConfig(strategy="gradient", calibration=[my_shard], layout="separate")
+        scores = sparsify_fx.score_units(scorer, (ids,), cfg)   # collective: call it on every rank
+        del scorer
+        model = build_on_meta()
+        sparsify_fx.s2ft(model, (ids,), dataclasses.replace(cfg, strategy=scores))
+        shard(model); model.to_empty(device="cpu"); sparsify_fx.load_base(model, ckpt)
+    """
+    cfg = config or S2FTConfig()
+    cfg.validate()
+    target = unwrap(model)
+    if resolve(cfg.strategy).needs_values:
+        require_values(target, f"score_units with strategy={cfg.strategy!r}", "it ranks units by weights, "
+                       "activations or gradients; load the checkpoint first")
+    twin = _meta_twin(target) if _sharded_param(target) is not None else target
+    units = _plan(analyze(twin, example_inputs), twin, cfg)
+    scores = _score(target, units, cfg, process_group)
+    return FixedImportance(scores, f"{option('strategy', cfg.strategy)} on {type(twin).__name__}")
+
+
+def _sharded_param(model: nn.Module) -> str | None:
+    return next((n for n, p in model.named_parameters() if is_dtensor(p)), None)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    name = _sharded_param(model)
+    if name is not None:
+        raise ConfigError(
+            f"s2ft cannot transform a model whose parameters are already sharded ({name} is a DTensor): FSDP2 "
+            "manages only the parameters it saw and S²FT adds block parameters. Transform first, then shard: build "
+            "on the meta device, s2ft, fully_shard, to_empty, load_base. For strategy='gradient'/'activation', rank "
+            "the units on this loaded model with score_units(model, inputs, config) and pass strategy=<those scores> "
+            "to s2ft on the meta model."
+        )
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A structure-only copy of ``model`` on the meta device, for analysis: the same module classes (an FSDP2
+    module's own class, FSDP's subclass dropped), names, global shapes and dtypes; no hooks, no values; tied
+    tensors stay tied; plain attributes (a transformers config) are shared, read only."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover  (a torch built without distributed)
+        FSDPModule = ()  # noqa: N806
+    tensors: dict[int, torch.Tensor] = {}
+    done: dict[int, nn.Module] = {}
+
+    def meta(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in tensors:
+            e = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+            tensors[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if param else e
+        return tensors[id(t)]
+
+    def clone(mod: nn.Module) -> nn.Module:
+        if id(mod) in done:
+            return done[id(mod)]
+        cls = next(c for c in type(mod).__mro__ if not (FSDPModule and issubclass(c, FSDPModule)))
+        new = object.__new__(cls)
+        new.__dict__.update(mod.__dict__)
+        for k, v in mod.__dict__.items():
+            # FSDP2's gathering hooks (and anyone else's) would run on meta tensors
+            if k.startswith("_") and "hooks" in k and isinstance(v, dict):
+                new.__dict__[k] = type(v)()
+        new.__dict__["_parameters"] = {n: None if p is None else meta(p, True) for n, p in mod._parameters.items()}
+        new.__dict__["_buffers"] = {n: None if b is None else meta(b, False) for n, b in mod._buffers.items()}
+        done[id(mod)] = new
+        new.__dict__["_modules"] = {n: None if c is None else clone(c) for n, c in mod._modules.items()}
+        return new
+
+    return clone(model)
 
 
 @dataclass
@@ -1024,11 +1157,13 @@ def _dense_block_layout(j: Journal, weight: nn.Parameter, dim: int) -> None:
         j.set_data(weight, weight.data.movedim(dim, 0).contiguous().movedim(0, dim))
 
 
-def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTConfig, j: Journal) -> None:
+def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTConfig, j: Journal,
+           experts: list[Any] | None = None) -> None:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     perms: dict[str, torch.Tensor] = {}
     for u in units:
-        rest = [i for i in range(u.group.num_units) if i not in set(u.selected)]
+        chosen = set(u.selected)  # built once: a set per unit index made this quadratic (80 s on a 70B shape)
+        rest = [i for i in range(u.group.num_units) if i not in chosen]
         perm = torch.tensor(u.selected + rest, dtype=torch.long)
         permute(model, u.group, perm, journal=j)
         perms[u.group.name] = perm
@@ -1054,9 +1189,11 @@ def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTCon
             base_blocks[(sw.weight, s.start)] = module.weight.detach().narrow(sw.dim, s.start, s.length).clone()
         j.swap_module(model, sw.module, new)
         modules[sw.module] = sw.weight
+    # stacked expert weights: per-expert blocks inside the experts module (s2ft_experts)
+    expert_modules = apply_experts(model, experts or [], cfg.layout, j, base_blocks)
     groups = {u.group.name: u.group for u in units}
-    slices = [s for sw in swaps for s in sw.slices]
-    state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags)
+    slices = [s for sw in swaps for s in sw.slices] + [s for p in experts or [] for s in p.slices]
+    state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags, expert_modules)
     j.setattr(model, STATE_ATTR, state, raw=True)
     # the embeddings are frozen now: reentrant activation checkpointing needs their output to require grad
     j.on_rollback(lambda: drop_checkpointing_grads(model), "checkpointing input-grad hook")
@@ -1075,10 +1212,12 @@ def describe(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if ".blocks." not in f".{n}")
     for u in st.units:
-        n = sum(s.length * _across(_tensor(model, s.fqn).shape, s.dim) for s in st.slices if s.fqn in _fqns(u))
+        n = sum(s.length * _per_index(tuple(_tensor(model, s.fqn).shape), s) for s in st.slices
+                if s.fqn in _fqns(u) and s.expert == u.group.expert)
         projs = "+".join(u.projections)
+        kind = u.group.kind if u.group.expert is None else f"{u.group.kind}[expert {u.group.expert}]"
         lines.append(
-            f"  layer {u.group.layer if u.group.layer is not None else '-':>3}  {u.group.kind:15s} "
+            f"  layer {u.group.layer if u.group.layer is not None else '-':>3}  {kind:15s} "
             f"{len(u.selected):>4}/{u.group.num_units:<4} units {str(u.selected[:8])[:-1]}"
             f"{', ...]' if len(u.selected) > 8 else ']'}  {projs:12s} {n:>10,d} params"
         )
@@ -1088,6 +1227,11 @@ def describe(model: nn.Module) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def _per_index(shape: tuple[int, ...], s: Slice) -> int:
+    """Elements of a slice's tensor per index along its dim (inside one expert's slice for an expert block)."""
+    return _across(shape, s.dim) if s.expert is None else expert_numel(shape, s.dim)
 
 
 def _fqns(u: Unit) -> set[str]:
@@ -1130,6 +1274,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if wrapped.bias is not None and getattr(original, "bias", None) is not wrapped.bias:
                 j.setattr(original, "bias", wrapped.bias)
             j.swap_module(target, mod_name, original, attributes=False)
+        merge_experts(target, st.experts, j)
         for name, perm in st.perms.items():
             permute(target, st.groups[name], torch.argsort(perm), journal=j)
         for n, p in target.named_parameters():
