@@ -20,6 +20,9 @@ demo: setup
 	$(PY) examples/finetune_minilm.py
 
 test: setup
+	# headless Chromium for tests/test_html.py (Debian's package); without it those tests skip and say why
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 \
+		|| echo "chromium could not be installed: the browser tests will skip"
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 

@@ -17,12 +17,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sparsify_fx.errors import SparsifyError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
 
 PROG = "sparsify-fx"
 EXIT_BAD_INPUT = 2
@@ -106,6 +106,8 @@ def _model_class(config: Any) -> Any:
 
 def _example_inputs(model: nn.Module, batch: int, seq: int) -> tuple[Any, ...]:
     """Inputs from the model's ``main_input_name``: token ids, pixels or audio, sized from its config."""
+    import torch
+
     cfg = getattr(model, "config", None)
     name = getattr(model, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(0)
@@ -140,6 +142,8 @@ def load_model(spec: str, *, weights: bool, batch: int = 2, seq: int = 8) -> Loa
     if ":" in spec and not os.path.exists(spec):
         return _from_factory(spec, batch, seq)
     directory, config_file = _model_dir(spec)
+    # torch and transformers load only once the input looks right: a typo fails in a tenth of a second
+    import torch
     from transformers import AutoConfig
 
     try:
@@ -163,6 +167,8 @@ def load_model(spec: str, *, weights: bool, batch: int = 2, seq: int = 8) -> Loa
 
 
 def _from_factory(spec: str, batch: int, seq: int) -> Loaded:
+    import torch.nn as nn
+
     mod_name, _, fn_name = spec.rpartition(":")
     # the console script does not put the working directory on sys.path, `python -m` does: make both agree
     if os.getcwd() not in sys.path:
@@ -280,6 +286,8 @@ def _parse_s2ft(text: str) -> dict[str, Any]:
 
 def _linears(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """Module FQN -> (in features, out features, weight dim that contracts the input) of every linear layer."""
+    import torch
+
     from sparsify_fx.passes.layers import layer_type
 
     out = {}
@@ -337,6 +345,8 @@ def _mib(n: int) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    import torch
+
     import sparsify_fx
     from sparsify_fx.passes.s2ft import S2FTConfig, state_of
 

@@ -434,6 +434,8 @@ li.fired b{color:#070}li.idle{color:#777}.fallback{color:#b00}
 """
 
 _JS = """
+// what the browser laid out, for scripts reading the DOM (and the headless-browser test)
+document.documentElement.dataset.cells = document.querySelectorAll('.cell').length;
 document.getElementById('groupsel')?.addEventListener('change', e => {
   for (const d of document.querySelectorAll('.svgwrap')) d.hidden = d.dataset.group !== e.target.value;
 });
