@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "Member": "sparsify_fx.analysis",
     "S2FTConfig": "sparsify_fx.passes.s2ft",
     "s2ft": "sparsify_fx.passes.s2ft",
+    "score_units": "sparsify_fx.passes.s2ft",
     "describe": "sparsify_fx.passes.s2ft",
     "merge": "sparsify_fx.passes.s2ft",
     "export_adapter": "sparsify_fx.passes.adapter",
@@ -45,8 +46,18 @@ _LAZY: dict[str, str] = {
     "load_sparse": "sparsify_fx.passes.nm",
     "explain": "sparsify_fx.codegen.explain",
     "permute": "sparsify_fx.passes.copermute",
+    "Reselect": "sparsify_fx.passes.reselect",
+    "Reselector": "sparsify_fx.passes.reselect",
+    "ReselectCallback": "sparsify_fx.passes.reselect",
+    "reselect_": "sparsify_fx.passes.reselect",
     "load_base": "sparsify_fx.passes.checkpoint",
     "save_merged": "sparsify_fx.passes.checkpoint",
+    "attach_adapters": "sparsify_fx.passes.serving",
+    "detach_adapters": "sparsify_fx.passes.serving",
+    "add_served_adapter": "sparsify_fx.passes.serving",
+    "remove_served_adapter": "sparsify_fx.passes.serving",
+    "served_adapters": "sparsify_fx.passes.serving",
+    "combine": "sparsify_fx.passes.serving",
 }
 
 __all__ = [
@@ -85,4 +96,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from sparsify_fx.passes.copermute import permute  # noqa: F401
     from sparsify_fx.passes.nm import BlockConfig, NMConfig, export_sparse, load_sparse, sparsify  # noqa: F401
     from sparsify_fx.passes.prune import PruneConfig, prune  # noqa: F401
-    from sparsify_fx.passes.s2ft import S2FTConfig, describe, merge, s2ft  # noqa: F401
+    from sparsify_fx.passes.reselect import Reselect, ReselectCallback, Reselector, reselect_  # noqa: F401
+    from sparsify_fx.passes.s2ft import S2FTConfig, describe, merge, s2ft, score_units  # noqa: F401
+    from sparsify_fx.passes.serving import (  # noqa: F401
+        add_served_adapter,
+        attach_adapters,
+        combine,
+        detach_adapters,
+        remove_served_adapter,
+        served_adapters,
+    )

@@ -1,0 +1,650 @@
+"""Serving many S²FT adapters on one base model at once: mixed-adapter batches and adapter fusion.
+
+:func:`attach_adapters` leaves the base weights as they are and hooks every adapted layer. The model's forward
+(and ``generate``) then takes ``adapter_names=[one name per batch row]``, ``"__base__"`` for a row without an
+adapter, as PEFT's mixed-adapter batches do. A forward pre-hook on the model groups the batch rows by adapter
+once per call (:class:`Segments`); each adapted layer runs its own GEMM once for the whole batch and a hook adds,
+per adapter present, that adapter's sparse delta on its rows only (:func:`sparse_delta`):
+
+* selected output features (a Linear's rows, a GPT-2 ``Conv1D``'s columns): ``y[rows][..., sel] += x[rows] @ D``;
+* selected input features (a Linear's columns, a ``Conv1D``'s rows): ``y[rows] += x[rows][..., sel] @ D``.
+
+``D`` is the adapter's own delta tensor (a transposed view where the layout asks for it), so serving an adapter
+costs its compact size and never a copy of a weight. Adapters come and go while serving
+(:func:`add_served_adapter`, :func:`remove_served_adapter`); :func:`detach_adapters` gives the plain model back
+bit for bit. Every change goes through a :class:`~sparsify_fx.passes.surgery.Journal`, so a failed call leaves
+the model as it was.
+
+:func:`combine` fuses adapters of one base into one (weighted sum of the deltas, union of the indices).
+
+Example::
+
+    served = sparsify_fx.attach_adapters(base, {"math": math_adapter, "code": code_adapter})
+    logits = served(input_ids, adapter_names=["math", "__base__", "code"]).logits
+    out = served.generate(input_ids, adapter_names=["math", "__base__", "code"], max_new_tokens=16)
+    sparsify_fx.detach_adapters(served)  # the plain base again
+
+Not thread-safe: the grouping of the current batch is kept on the model for the duration of one forward.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from sparsify_fx.errors import AdapterError, ConfigError
+from sparsify_fx.oplib import define_op
+from sparsify_fx.passes import adapter as _adapter
+from sparsify_fx.passes.adapter import Adapter, AdapterEntry
+from sparsify_fx.passes.layers import layer_type
+from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, split_fqn, unwrap
+
+__all__ = [
+    "BASE",
+    "Placement",
+    "Segments",
+    "ServedDelta",
+    "add_served_adapter",
+    "attach_adapters",
+    "combine",
+    "detach_adapters",
+    "remove_served_adapter",
+    "served_adapters",
+    "sparse_delta",
+]
+
+BASE = "__base__"  # the adapter name of a batch row served by the base model alone
+_STATE_ATTR = "_sparsify_serving"
+_KWARG = "adapter_names"
+# the forward-hook tables a hook id can sit in (register_forward_hook / register_forward_pre_hook)
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+class Placement(enum.Enum):
+    """Where an adapter's selected units sit in a layer ``y = x @ W_io`` (``W_io`` the weight as ``[in, out]``)."""
+
+    OUTPUT = "output"  # selected output features: y[rows][..., sel] += x[rows] @ D, D [in, n]
+    INPUT = "input"  # selected input features: y[rows] += x[rows][..., sel] @ D, D [n, out]
+
+
+@dataclass(frozen=True)
+class ServedDelta:
+    """One adapter's delta on one layer, in the form the serving hook multiplies by.
+
+    Args:
+        placement: whether ``index`` selects the layer's output or input features.
+        index: long ``[n]``, the selected features, on the weight's device.
+        matrix: ``[in, n]`` (OUTPUT) or ``[n, out]`` (INPUT): the adapter's delta (a view when the weight's
+            device and dtype match, otherwise its cast), never a copy of the weight.
+    """
+
+    placement: Placement
+    index: Tensor
+    matrix: Tensor
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The rows of one batch grouped by adapter, computed once per forward by the model's pre-hook.
+
+    Args:
+        batch: the batch size every adapted layer's input must lead with.
+        rows: long ``[m]``, the batch rows served by an adapter, grouped by adapter (``"__base__"`` rows are absent).
+        bounds: adapter name -> ``(start, end)``: its rows are ``rows[start:end]``.
+    """
+
+    batch: int
+    rows: Tensor
+    bounds: dict[str, tuple[int, int]]
+
+    @staticmethod
+    def group(names: Sequence[str], device: torch.device | str | None = None) -> Segments:
+        """Group ``names`` (one adapter name per batch row) by adapter: a stable counting sort, O(batch).
+
+        Example:
+            >>> s = Segments.group(["a", "__base__", "b", "a"])
+            >>> s.rows.tolist(), s.bounds
+            ([0, 3, 2], {'a': (0, 2), 'b': (2, 3)})
+        """
+        by_name: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            if name != BASE:
+                by_name.setdefault(name, []).append(i)
+        rows: list[int] = []
+        bounds: dict[str, tuple[int, int]] = {}
+        for name, idx in by_name.items():
+            bounds[name] = (len(rows), len(rows) + len(idx))
+            rows += idx
+        return Segments(len(names), torch.tensor(rows, dtype=torch.long, device=device), bounds)
+
+
+# ---------------------------------------------------------------------- the per-layer delta
+def _sparse_delta_into(x: Tensor, y: Tensor, rows: Sequence[Tensor], placements: Sequence[Placement],
+                       index: Sequence[Tensor], matrix: Sequence[Tensor]) -> Tensor:
+    """Add every adapter's delta into ``y`` in place (``y`` must be contiguous); the ATen reference path."""
+    batch = x.shape[0]
+    xb = x.reshape(batch, -1, x.shape[-1])
+    yb = y.view(batch, -1, y.shape[-1])
+    tokens = xb.shape[1]
+    for r, placement, idx, d in zip(rows, placements, index, matrix):
+        n = r.numel()
+        if n == 0:
+            continue
+        xa = xb.index_select(0, r)  # [n, T, in]: this adapter's rows only
+        if placement is Placement.INPUT:
+            xa = xa.index_select(2, idx)  # [n, T, k]: its input features only
+        c = torch.mm(xa.reshape(n * tokens, -1).to(d.dtype), d).to(y.dtype)
+        if placement is Placement.INPUT:
+            yb.index_add_(0, r, c.view(n, tokens, -1))
+        else:
+            # indices broadcast to [n, T, k]: rows x every token x the selected output features
+            t = torch.arange(tokens, device=y.device)
+            yb.index_put_((r[:, None, None], t[None, :, None], idx[None, None, :]), c.view(n, tokens, -1),
+                          accumulate=True)
+    return y
+
+
+def sparse_delta(x: Tensor, y: Tensor, segments: Segments, adapters: Mapping[str, ServedDelta]) -> Tensor:
+    """Add to a layer's output ``y`` the delta of every adapter in ``adapters`` on that adapter's rows of the batch.
+
+    The eager serving path: ``y`` (the layer's fresh output) is written in place and returned (a contiguous copy
+    first if it is not contiguous). ``torch.ops.sparsify.sparse_delta`` is the same computation as a functional
+    custom op (fake kernel, opcheck-tested) for graph capture and for a fused kernel to stand in for later.
+
+    Args:
+        x: the layer's input, ``[batch, ..., in]``.
+        y: the layer's output ``x @ W_io (+ bias)``, ``[batch, ..., out]``.
+        segments: the batch's rows grouped by adapter (:meth:`Segments.group`).
+        adapters: adapter name -> its delta on this layer; adapters absent from the batch cost nothing.
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> d = ServedDelta(Placement.OUTPUT, torch.tensor([1]), torch.ones(4, 1))
+        >>> x = torch.ones(2, 4)
+        >>> sparse_delta(x, lin(x).detach(), Segments.group(["a", "__base__"]), {"a": d}).shape
+        torch.Size([2, 3])
+    """
+    present = [(name, d) for name, d in adapters.items() if name in segments.bounds]
+    if not present:
+        return y
+    if not y.is_contiguous():
+        y = y.contiguous()
+    rows = segments.rows.to(x.device)
+    return _sparse_delta_into(
+        x, y, [rows[slice(*segments.bounds[name])] for name, _ in present], [d.placement for _, d in present],
+        [d.index for _, d in present], [d.matrix for _, d in present])
+
+
+def _fake_sparse_delta(x: Tensor, y: Tensor, rows: Tensor, starts: list[int], ends: list[int],
+                       scatter: list[bool], index: list[Tensor], matrix: list[Tensor]) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@define_op("sparse_delta", fake=_fake_sparse_delta, autocast=())
+def _sparse_delta_op(x: Tensor, y: Tensor, rows: Tensor, starts: list[int], ends: list[int], scatter: list[bool],
+                     index: list[Tensor], matrix: list[Tensor]) -> Tensor:
+    """``sparsify::sparse_delta``: ``y`` plus, per adapter ``i``, its delta on the batch rows
+    ``rows[starts[i]:ends[i]]``; ``scatter[i]`` True for selected output features (Placement.OUTPUT). Functional
+    (returns a new tensor); the eager hook uses :func:`sparse_delta`, which writes the layer's output in place."""
+    if not len(starts) == len(ends) == len(scatter) == len(index) == len(matrix):
+        raise ConfigError("sparsify::sparse_delta: starts, ends, scatter, index and matrix must have one entry per "
+                          f"adapter; got lengths {len(starts)}, {len(ends)}, {len(scatter)}, {len(index)}, "
+                          f"{len(matrix)}.")
+    out = y.clone(memory_format=torch.contiguous_format)
+    return _sparse_delta_into(
+        x, out, [rows[s:e] for s, e in zip(starts, ends)],
+        [Placement.OUTPUT if s else Placement.INPUT for s in scatter], list(index), list(matrix))
+
+
+# ---------------------------------------------------------------------- state on the served model
+@dataclass
+class _Served:
+    adapter: Adapter
+    layers: dict[str, ServedDelta]  # module name -> its delta there
+
+
+@dataclass
+class _State:
+    adapters: dict[str, _Served] = field(default_factory=dict)
+    layers: dict[str, dict[str, ServedDelta]] = field(default_factory=dict)  # module -> adapter -> delta
+    layer_hooks: dict[str, int] = field(default_factory=dict)  # module -> id of its forward hook
+    model_hooks: list[int] = field(default_factory=list)  # the model's pre-hook and clearing hook
+    current: Segments | None = None  # the batch being run
+    generating: list[str] | None = None  # adapter_names of the generate() call in progress
+
+
+def _state(model: nn.Module) -> _State | None:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def served_adapters(model: nn.Module) -> tuple[str, ...]:
+    """The names of the adapters ``model`` serves, in the order they were attached (empty if it serves none).
+
+    Args:
+        model: a model :func:`attach_adapters` was called on, or any model.
+
+    Example:
+        >>> served_adapters(attach_adapters(base, {"a": adapter}))
+        ('a',)
+    """
+    state = _state(unwrap(model))
+    return tuple(state.adapters) if state is not None else ()
+
+
+# ---------------------------------------------------------------------- hooks
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        t = kwargs.get(key)
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            return t.shape[0]
+    for t in [*args, *kwargs.values()]:
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            return t.shape[0]
+    raise ConfigError(f"{_KWARG} was given, but the call has no tensor input to take the batch size from; pass "
+                      "input_ids (or the model's first input) as a tensor.")
+
+
+def _check_names(state: _State, names: Any, batch: int, expand: bool) -> list[str]:
+    """``names`` as a list with one entry per batch row; ``expand`` allows generate()'s beam/sample expansion
+    (each row repeated k times in a row, as transformers' ``_expand_inputs_for_generation`` does)."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{_KWARG} must be a list of adapter names, one per batch row ({BASE!r} for the base "
+                          f"model); got {names!r}.")
+    unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
+    if unknown:
+        raise AdapterError(f"{_KWARG} names {unknown}, which this model does not serve; it serves "
+                           f"{sorted(state.adapters)} (and {BASE!r} for the base). Attach it first with "
+                           "sparsify_fx.add_served_adapter(model, name, adapter).")
+    names = list(names)
+    if len(names) != batch:
+        if expand and names and batch % len(names) == 0:
+            k = batch // len(names)
+            return [n for n in names for _ in range(k)]
+        raise ConfigError(f"{_KWARG} has {len(names)} entries but the batch has {batch} rows; give one adapter name "
+                          f"per row ({BASE!r} for the base model).")
+    return names
+
+
+def _pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    state = _state(model)
+    state.current = None
+    names = kwargs.pop(_KWARG, None)
+    generating = names is None and state.generating is not None
+    if generating:
+        names = state.generating
+    if names is None:
+        return args, kwargs
+    batch = _batch_size(args, kwargs)
+    names = _check_names(state, names, batch, expand=generating)
+    device = next((t.device for t in [*args, *kwargs.values()] if isinstance(t, Tensor)), None)
+    state.current = Segments.group(names, device)
+    return args, kwargs
+
+
+def _clear_hook(model: nn.Module, args: tuple, output: Any) -> None:
+    state = _state(model)
+    if state is not None:
+        state.current = None
+
+
+def _layer_hook(state: _State, name: str, module: nn.Module, args: tuple, output: Any) -> Any:
+    segments = state.current
+    if segments is None or not segments.bounds or not isinstance(output, Tensor):
+        return None
+    x = args[0]
+    if x.shape[0] != segments.batch:
+        raise AdapterError(
+            f"layer {name!r} got an input of batch size {x.shape[0]}, but {_KWARG} has {segments.batch} rows: this "
+            "model reshapes the batch before the layer (e.g. flattens batch and tokens), so its rows cannot be "
+            "matched to adapters; serve it one adapter per batch with apply_adapter instead.")
+    y = sparse_delta(x, output, segments, state.layers[name])
+    return y if y is not output else None
+
+
+def _generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``model.generate`` while serving: takes ``adapter_names`` (transformers would refuse it as unused) and keeps
+    it for every forward of the call."""
+    names = kwargs.pop(_KWARG, None)
+    original = type(model).generate
+    if names is None:
+        return original(model, *args, **kwargs)
+    state = _state(model)
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if isinstance(inputs, Tensor):
+        _check_names(state, names, inputs.shape[0], expand=False)
+    state.generating = list(names)
+    try:
+        return original(model, *args, **kwargs)
+    finally:
+        state.generating = None
+        state.current = None
+
+
+# ---------------------------------------------------------------------- plan (reads only)
+def _check_fingerprint(model: nn.Module, adapter: Adapter, params: dict[str, Tensor]) -> None:
+    """Raise AdapterError unless ``model``'s weights are the base ``adapter`` was exported from (the check
+    :func:`~sparsify_fx.apply_adapter` makes on a first apply, without building its switch cache)."""
+    if _adapter._is_legacy(adapter.fingerprint):
+        touched = {f: (e.dim, params[f], params[f].detach().index_select(e.dim, e.index.to(params[f].device)))
+                   for f, e in adapter.entries.items()}
+        if _adapter._legacy_fingerprint(touched) != adapter.fingerprint:
+            raise AdapterError("adapter was trained on a different base model (weight fingerprint mismatch); serve "
+                               "it on the base it was exported from.")
+        return
+    here = _adapter._BaseSample(
+        {f: (tuple(t.shape), t.dtype, _adapter._sample(t, _adapter._BASE_SAMPLE))
+         for f, t in _adapter._named_tensors(model).items()},
+        {f: _adapter._sample(params[f].detach().index_select(e.dim, e.index.to(params[f].device)),
+                             _adapter._TOUCHED_SAMPLE) for f, e in adapter.entries.items()},
+    )
+    if _adapter._fingerprint(here) != adapter.fingerprint:
+        _adapter._check_base(_adapter._parse_fingerprint(adapter.fingerprint), here, "")
+
+
+def _served_delta(model: nn.Module, entry: AdapterEntry, param: Tensor) -> tuple[str, ServedDelta]:
+    module_name, attr = split_fqn(entry.fqn)
+    module = get_module(model, module_name)
+    lt = layer_type(module, exact=True)
+    if attr != "weight" or lt is None or not lt.is_linear or param.dim() != 2:
+        raise AdapterError(
+            f"adapter entry {entry.fqn!r} is on a {type(module).__name__}.{attr}; mixed-adapter serving adds deltas "
+            "to Linear and Conv1D weights only. Serve this adapter alone with apply_adapter.")
+    in_dim, out_dim = lt.in_dim(module), lt.out_dim(module)
+    delta = entry.delta.to(device=param.device, dtype=param.dtype)  # no copy when they already match
+    index = entry.index.to(param.device)
+    if entry.dim == out_dim:  # D [in, n]
+        return module_name, ServedDelta(Placement.OUTPUT, index, delta if out_dim == 1 else delta.t())
+    if entry.dim == in_dim:  # D [n, out]
+        return module_name, ServedDelta(Placement.INPUT, index, delta if in_dim == 0 else delta.t())
+    raise AdapterError(f"adapter entry {entry.fqn!r} selects dim {entry.dim} of a 2-D weight.")  # pragma: no cover
+
+
+def _plan(model: nn.Module, state: _State | None, adapters: Mapping[str, Adapter]) -> dict[str, _Served]:
+    """Check every adapter against the model and build what serving it needs; writes nothing."""
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ConfigError(f"adapters must be a non-empty dict of name -> Adapter; got {adapters!r}.")
+    taken = set(state.adapters) if state is not None else set()
+    plans: dict[str, _Served] = {}
+    for name, adapter in adapters.items():
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ConfigError(f"adapter name {name!r} is not usable: give a non-empty string other than {BASE!r}.")
+        if not isinstance(adapter, Adapter):
+            raise ConfigError(f"adapter {name!r} is a {type(adapter).__name__}, not an Adapter: pass the result of "
+                              "export_adapter or load_adapter.")
+        if name in taken:
+            raise AdapterError(f"an adapter is already served under the name {name!r}; remove it first with "
+                               f"remove_served_adapter(model, {name!r}), or choose another name.")
+        params = _adapter._params_for(model, adapter)
+        try:
+            _check_fingerprint(model, adapter, params)
+        except AdapterError as exc:
+            raise AdapterError(f"adapter {name!r}: {exc}") from exc
+        layers = dict(_served_delta(model, e, params[f]) for f, e in adapter.entries.items())
+        plans[name] = _Served(adapter, layers)
+    return plans
+
+
+# ---------------------------------------------------------------------- journaled writes
+def _hook(j: Journal, register: Callable[[], Any], what: str) -> int:
+    box: list[Any] = []
+    j.on_rollback(lambda: box[0].remove() if box else None, what)
+    box.append(register())
+    return box[0].id
+
+
+def _unhook(j: Journal, module: nn.Module, hook_id: int) -> None:
+    """Remove a hook id from every table it sits in; a rollback restores each table as it was, order included."""
+    for table in _HOOK_TABLES:
+        d = getattr(module, table)
+        if hook_id in d:
+            before = list(d.items())
+            j.on_rollback(lambda d=d, before=before: (d.clear(), d.update(before)), f"hook table {table}")
+            del d[hook_id]
+
+
+def _set_item(j: Journal, d: dict, key: Any, value: Any) -> None:
+    had, old = key in d, d.get(key)
+    j.on_rollback(lambda: d.__setitem__(key, old) if had else d.pop(key, None), f"entry {key!r}")
+    d[key] = value
+
+
+def _del_item(j: Journal, d: dict, key: Any) -> None:
+    before = list(d.items())  # restored with its order
+    j.on_rollback(lambda: (d.clear(), d.update(before)), f"entry {key!r}")
+    del d[key]
+
+
+def _del_attr(j: Journal, obj: object, name: str) -> None:
+    """Drop an instance attribute set with ``Journal.setattr(..., raw=True)``."""
+    value = obj.__dict__[name]
+    j.on_rollback(lambda: obj.__dict__.__setitem__(name, value), f"attribute {name}")
+    del obj.__dict__[name]
+
+
+def _install(j: Journal, model: nn.Module) -> _State:
+    state = _State()
+    j.setattr(model, _STATE_ATTR, state, raw=True)
+    # prepend: adapter_names leaves the kwargs before any other pre-hook or the forward sees it
+    state.model_hooks.append(_hook(j, lambda: model.register_forward_pre_hook(
+        _pre_hook, with_kwargs=True, prepend=True), "serving pre-hook"))
+    state.model_hooks.append(_hook(j, lambda: model.register_forward_hook(_clear_hook, always_call=True),
+                                   "serving clear hook"))
+    if callable(getattr(type(model), "generate", None)):
+        j.setattr(model, "generate", functools.partial(_generate, model), raw=True)
+    return state
+
+
+def _add(j: Journal, model: nn.Module, state: _State, name: str, served: _Served) -> None:
+    for module_name, delta in served.layers.items():
+        if module_name not in state.layers:
+            _set_item(j, state.layers, module_name, {})
+            module = get_module(model, module_name)
+            hook_id = _hook(j, lambda module=module, module_name=module_name: module.register_forward_hook(
+                functools.partial(_layer_hook, state, module_name)), f"serving hook of {module_name}")
+            _set_item(j, state.layer_hooks, module_name, hook_id)
+        _set_item(j, state.layers[module_name], name, delta)
+    _set_item(j, state.adapters, name, served)
+
+
+def _drop(j: Journal, model: nn.Module, state: _State, name: str) -> None:
+    for module_name in state.adapters[name].layers:
+        _del_item(j, state.layers[module_name], name)
+        if not state.layers[module_name]:
+            _unhook(j, get_module(model, module_name), state.layer_hooks[module_name])
+            _del_item(j, state.layer_hooks, module_name)
+            _del_item(j, state.layers, module_name)
+    _del_item(j, state.adapters, name)
+
+
+# ---------------------------------------------------------------------- public API
+def attach_adapters(model: nn.Module, adapters: Mapping[str, Adapter]) -> nn.Module:
+    """Serve ``adapters`` on ``model`` at once: its forward and ``generate`` take ``adapter_names``, one per row.
+
+    The weights are not touched (bit-identical); each adapted Linear/Conv1D gets a forward hook that adds, per
+    adapter present in the batch, its sparse delta on its rows only, after the layer's one GEMM over the whole
+    batch. Without ``adapter_names`` the model is the base. Rows named ``"__base__"`` get no delta. The model keeps
+    each adapter's own delta tensors (cast only if the base's device or dtype differ): memory grows by the compact
+    adapters, never by a weight. Calling it on a model already serving adds to what it serves.
+
+    Every adapter is checked against the model first (the fingerprint check of :func:`apply_adapter`, names free);
+    an error raises before anything is installed, and any failure while installing rolls everything back.
+
+    Args:
+        model: a plain base model (not S²FT-transformed), the one the adapters were exported from.
+        adapters: name -> adapter (from :func:`export_adapter` / :func:`load_adapter`).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        AdapterError: an adapter of another base, a name already served, an entry on a layer that is not a
+            Linear/Conv1D.
+        ConfigError: a bad name (empty, ``"__base__"``), a non-adapter value, an S²FT-transformed model.
+
+    Example:
+        >>> served = attach_adapters(base, {"a": adapter_a, "b": adapter_b})
+        >>> served(ids, adapter_names=["a", "__base__", "b"])
+        >>> served.generate(ids, adapter_names=["a", "__base__", "b"], max_new_tokens=8)
+    """
+    wrapper, model = model, unwrap(model)
+    require_composable(model, Verb.APPLY_ADAPTER)
+    state = _state(model)
+    plans = _plan(model, state, adapters)
+    with Journal(model) as j:
+        if state is None:
+            state = _install(j, model)
+        for name, served in plans.items():
+            _add(j, model, state, name, served)
+    return wrapper
+
+
+def add_served_adapter(model: nn.Module, name: str, adapter: Adapter) -> nn.Module:
+    """Serve one more adapter under ``name`` (``attach_adapters(model, {name: adapter})``).
+
+    Args:
+        model: a served model, or a plain base (then it starts serving).
+        name: the name rows use in ``adapter_names``; must not be served already.
+        adapter: an adapter exported from this base.
+
+    Example:
+        >>> add_served_adapter(served, "legal", load_adapter("adapters/legal"))
+    """
+    return attach_adapters(model, {name: adapter})
+
+
+def remove_served_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Stop serving the adapter ``name``; layers no other served adapter touches lose their hook.
+
+    Args:
+        model: a served model.
+        name: a name :func:`served_adapters` lists.
+
+    Raises:
+        AdapterError: ``model`` does not serve ``name``.
+
+    Example:
+        >>> remove_served_adapter(served, "legal")
+    """
+    wrapper, model = model, unwrap(model)
+    state = _state(model)
+    if state is None or name not in state.adapters:
+        raise AdapterError(f"this model serves no adapter named {name!r}; it serves {list(served_adapters(model))}.")
+    with Journal(model) as j:
+        _drop(j, model, state, name)
+    return wrapper
+
+
+def detach_adapters(model: nn.Module) -> nn.Module:
+    """Stop serving: remove every served adapter, every hook and the ``generate`` override; the plain model again,
+    bit for bit (the weights were never written).
+
+    Args:
+        model: a model :func:`attach_adapters` was called on.
+
+    Raises:
+        AdapterError: ``model`` serves nothing.
+
+    Example:
+        >>> plain = detach_adapters(served)
+    """
+    wrapper, model = model, unwrap(model)
+    state = _state(model)
+    if state is None:
+        raise AdapterError("this model serves no adapters (attach_adapters was not called on it).")
+    with Journal(model) as j:
+        for name in list(state.adapters):
+            _drop(j, model, state, name)
+        for hook_id in state.model_hooks:
+            _unhook(j, model, hook_id)
+        if "generate" in model.__dict__:  # the class's generate shows again
+            _del_attr(j, model, "generate")
+        _del_attr(j, model, _STATE_ATTR)
+    return wrapper
+
+
+# ---------------------------------------------------------------------- fusion
+def _same_base(adapters: Sequence[Adapter]) -> _adapter._BaseSample:
+    """The common base sample of ``adapters``; AdapterError if two were exported from different bases."""
+    if any(_adapter._is_legacy(a.fingerprint) for a in adapters):
+        raise AdapterError("combine needs version-2 adapters (their fingerprint samples the whole base); a version-1 "
+                           "adapter's fingerprint covers only the weights it touches, so two bases cannot be "
+                           "compared. Re-export it with export_adapter(model).")
+    samples = [_adapter._parse_fingerprint(a.fingerprint) for a in adapters]
+    first = samples[0]
+    for i, s in enumerate(samples[1:], 1):
+        same = s.tensors.keys() == first.tensors.keys() and all(
+            s.tensors[f][:2] == first.tensors[f][:2] and _adapter._agree(first.tensors[f][2], s.tensors[f][2])
+            for f in first.tensors)
+        if not same:
+            raise AdapterError(f"adapters 0 and {i} were exported from different base models (fingerprints differ); "
+                               "combine only adapters of one base.")
+    return first
+
+
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
+    """One adapter whose delta is ``sum_i weights[i] * adapters[i]`` (task arithmetic on S²FT adapters).
+
+    Per weight, the result's index is the union of the adapters' indices (sorted); where several adapters select
+    the same unit their weighted deltas add. All adapters must come from one base (their fingerprints' base samples
+    agree) and select the same dim of any weight they share. The fingerprint keeps the whole-base sample; the
+    sample of the replaced values is kept for weights whose index did not grow (it would need the base's values at
+    the new units).
+
+    Args:
+        adapters: adapters exported from one base model.
+        weights: one finite float per adapter (default: all 1).
+
+    Raises:
+        ConfigError: no adapters, a non-adapter, ``weights`` of another length or not finite.
+        AdapterError: adapters of different bases, or selecting different dims of one weight.
+
+    Example:
+        >>> both = combine([math_adapter, code_adapter], weights=[0.5, 0.5])
+        >>> apply_adapter(base, both)
+    """
+    adapters = list(adapters) if isinstance(adapters, Sequence) else []
+    if not adapters or not all(isinstance(a, Adapter) for a in adapters):
+        raise ConfigError("combine takes a non-empty list of Adapter objects (from export_adapter/load_adapter).")
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters):
+        raise ConfigError(f"combine got {len(adapters)} adapters but {len(weights)} weights; give one weight each.")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"combine weights must be finite numbers; got {weights}.")
+    base = _same_base(adapters)
+    by_fqn: dict[str, list[tuple[float, AdapterEntry]]] = {}
+    for w, a in zip(weights, adapters):
+        for fqn, e in a.entries.items():
+            by_fqn.setdefault(fqn, []).append((float(w), e))
+    entries: dict[str, AdapterEntry] = {}
+    touched: dict[str, Tensor] = {}
+    samples = [_adapter._parse_fingerprint(a.fingerprint).touched for a in adapters]
+    for fqn, parts in by_fqn.items():
+        dims = {e.dim for _, e in parts}
+        if len(dims) != 1 or len({e.shape for _, e in parts}) != 1:
+            raise AdapterError(f"the adapters select different dims of {fqn} ({sorted(dims)}): their units cannot be "
+                               "added; combine adapters trained with the same S²FT projections.")
+        first = parts[0][1]
+        union = torch.unique(torch.cat([e.index.cpu() for _, e in parts]))
+        dtype = functools.reduce(torch.promote_types, [e.delta.dtype for _, e in parts])
+        shape = list(first.shape)
+        shape[first.dim] = union.numel()
+        delta = torch.zeros(shape, dtype=dtype)
+        for w, e in parts:
+            delta.index_add_(first.dim, torch.searchsorted(union, e.index.cpu()), e.delta.cpu().to(dtype), alpha=w)
+        entries[fqn] = AdapterEntry(fqn, first.dim, first.shape, union, delta)
+        kept = [s[fqn] for s in samples if fqn in s]
+        if all(torch.equal(e.index.cpu(), union) for _, e in parts) and kept:
+            touched[fqn] = kept[0]
+    names = {a.base_model for a in adapters}
+    fingerprint = _adapter._fingerprint(_adapter._BaseSample(base.tensors, touched))
+    config = {"combine": {"weights": [float(w) for w in weights], "configs": [a.config for a in adapters]}}
+    return Adapter(entries, fingerprint, config, names.pop() if len(names) == 1 else None)
