@@ -1193,7 +1193,8 @@ def _apply(model: nn.Module, units: list[Unit], swaps: list[_Swap], cfg: S2FTCon
     expert_modules = apply_experts(model, experts or [], cfg.layout, j, base_blocks)
     groups = {u.group.name: u.group for u in units}
     slices = [s for sw in swaps for s in sw.slices] + [s for p in experts or [] for s in p.slices]
-    state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags, expert_modules)
+    state = S2FTState(cfg, units, perms, groups, slices, modules, base_blocks, flags,
+                       experts=expert_modules)
     j.setattr(model, STATE_ATTR, state, raw=True)
     # the embeddings are frozen now: reentrant activation checkpointing needs their output to require grad
     j.on_rollback(lambda: drop_checkpointing_grads(model), "checkpointing input-grad hook")
