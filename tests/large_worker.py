@@ -78,3 +78,74 @@ def worker(rank: int, world: int, ckpt: str, init_file: str, out_dir: str) -> No
             torch.save({"losses": losses, "logits": logits}, os.path.join(out_dir, "result.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def calibration(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """One calibration batch whose ``.loss`` the gradient strategy differentiates."""
+    return [{"input_ids": ids, "labels": ids}]
+
+
+def _scores(fixed) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in fixed.scores.items()}
+
+
+def selection_worker(rank: int, world: int, ckpt: str, init_file: str, out_dir: str) -> None:
+    """Data-based selection across ranks (issue 14 item 3): each rank scores its own shard of the batch on an
+    FSDP2-sharded loaded model, plans S²FT on meta with those scores, shards, loads and trains; also scores on a
+    plain model replicated on every rank, with and without the cross-rank reduction."""
+    import dataclasses
+
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+
+    from sparsify_fx.errors import ConfigError
+    from sparsify_fx.passes.s2ft import state_of
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ids = batch()
+        mine = ids.chunk(world)[rank]
+        grad = dataclasses.replace(config("separate"), strategy="gradient", calibration=calibration(mine))
+        act = dataclasses.replace(grad, strategy="activation")
+        out: dict = {}
+
+        def shard(model: torch.nn.Module) -> None:
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+
+        with torch.device("meta"):
+            scorer = _models().llama(layers=LAYERS)
+        shard(scorer)
+        scorer.to_empty(device="cpu")
+        sparsify_fx.load_base(scorer, ckpt)
+        try:
+            sparsify_fx.s2ft(scorer, (ids[:1],), grad)
+        except ConfigError as exc:
+            out["refused"] = str(exc)
+        fixed = sparsify_fx.score_units(scorer, (ids[:1],), grad)
+        out["fsdp_gradient"] = _scores(fixed)
+        out["fsdp_activation"] = _scores(sparsify_fx.score_units(scorer, (ids[:1],), act))
+        del scorer
+
+        plain = LlamaForCausalLM.from_pretrained(ckpt)
+        out["plain_gradient"] = _scores(sparsify_fx.score_units(plain, (ids[:1],), grad))
+        local = dataclasses.replace(grad, distributed=False)
+        out["plain_gradient_local"] = _scores(sparsify_fx.score_units(plain, (ids[:1],), local))
+        del plain
+
+        with torch.device("meta"):
+            model = _models().llama(layers=LAYERS)
+        sparsify_fx.s2ft(model, (ids[:1],), dataclasses.replace(grad, strategy=fixed))
+        shard(model)
+        model.to_empty(device="cpu")
+        sparsify_fx.load_base(model, ckpt)
+        out["perms"] = dict(state_of(model).perms)
+        out["losses"] = train(model.train(), mine, world)
+        adapter = sparsify_fx.export_adapter(model)
+        torch.save(out, os.path.join(out_dir, f"selection{rank}.pt"))
+        if rank == 0:
+            adapter.save(os.path.join(out_dir, "adapter"))
+    finally:
+        dist.destroy_process_group()
