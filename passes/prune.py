@@ -19,6 +19,7 @@ check that the pruned model runs and matches the original with the removed contr
 
 from __future__ import annotations
 
+import linecache
 import logging
 import math
 import re
@@ -222,7 +223,8 @@ class _GroupPlan:
 def _ranked(p: _GroupPlan, consumers: dict[str, _Consumer]) -> Units:
     """How prune describes a group to an importance: every slice of every member (modules in series, so a unit zero
     in one of them is dead), observed at its hooked consumers and weighed by their columns (which stay)."""
-    weights = [UnitSlice(m.fqn, m.dim, p.idx[(m.fqn, m.dim)], m.role) for m in p.group.members if not m.is_buffer]
+    weights = [UnitSlice(m.fqn, m.dim, p.idx[(m.fqn, m.dim)], m.role, m.expert) for m in p.group.members
+               if not m.is_buffer]
     feeds = [Feed(c.module, c.axis, s) for s in weights
              if s.role == "in" and (c := consumers.get(s.fqn)) is not None and c.dim == s.dim]
     return Units(p.group.name, p.group.num_units, weights, feeds, Combine.PRODUCT, torch.float64)
@@ -458,6 +460,67 @@ def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingRep
     return ups
 
 
+class NothingPrunedWarning(UserWarning):
+    """prune found nothing to remove (no prunable group, or every ratio rounds to zero units): the model is
+    returned unchanged, and the warning says which."""
+
+
+class HeadsKeptWarning(UserWarning):
+    """Some attention modules keep all their heads because their code derives the head size from the input
+    width (``nn.MultiheadAttention``); the rest of the model is pruned."""
+
+
+# module types whose forward computes head_dim = query width // num_heads: removing heads cannot be expressed in
+# their attributes (the query width is the residual stream), so their head groups are left whole
+_WIDTH_DERIVED_HEADS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def _keep_width_derived_heads(model: nn.Module, plans: list[_GroupPlan]) -> None:
+    """Un-remove the head groups of modules that read their head size off the input width, saying which."""
+    kept = []
+    for p in plans:
+        g = p.group
+        if not p.removed or g.kind not in ("attention_heads", "kv_heads"):
+            continue
+        owners = {_split(m.fqn)[0] for m in g.members}
+        hit = sorted(o for o in owners if isinstance(get_module(model, o), _WIDTH_DERIVED_HEADS))
+        if hit:
+            p.removed = []
+            kept.extend(hit)
+    if kept:
+        warnings.warn(
+            f"prune keeps every head of {sorted(set(kept))}: nn.MultiheadAttention computes head_dim = "
+            "embed_dim // num_heads from the query width (the residual stream), so fewer heads cannot be stored in "
+            "its embed_dim/num_heads/head_dim; its FFN and other groups are pruned as asked. Replace it with an "
+            "attention module with separate q/k/v projections to prune its heads.",
+            HeadsKeptWarning,
+            stacklevel=3,
+        )
+
+
+def _nothing_removed(plans: list[_GroupPlan]) -> str:
+    """Why no unit was selected, for the warning (groups exist: _resolve_ratios refuses a model without any)."""
+    small = sorted({f"{p.group.kind} ({p.group.num_units} units)" for p in plans})[:6]
+    return (f"every ratio rounds to zero units in every group ({', '.join(small) or 'no group selected'}); raise "
+            "the ratio or use scope='global'")
+
+
+def _failure_site(exc: BaseException, model: nn.Module) -> str:
+    """The innermost module of ``model`` whose forward was running when ``exc`` was raised, with its line and the
+    integer attributes it stores: where a size the pass did not update is read."""
+    names = {id(m): n for n, m in model.named_modules()}
+    tb, site = exc.__traceback__, ""
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            code = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+            attrs = ", ".join(f"{k}={v}" for k, v in _int_attrs(owner)) or "none"
+            site = (f"{names[id(owner)] or '(root)'} ({type(owner).__name__}) at "
+                    f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: `{code}`; its integer attributes: {attrs}")
+        tb = tb.tb_next
+    return site
+
+
 # ---------------------------------------------------------------------- journaled writes
 def _module_fields(j: Journal, mod: nn.Module) -> None:
     """Keep the size fields of standard module types in step with their new weights."""
@@ -553,8 +616,11 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         inputs = {c.module: c.axis for c in consumers.values()}
         stats = calib.feature_stats(model, inputs, torch.float64, "bias_compensation cannot use them")
     _select(plans, scores, ratios, cfg)
+    _keep_width_derived_heads(model, plans)
     active = [p for p in plans if p.removed]
     if not active:
+        warnings.warn(f"prune removed nothing: {_nothing_removed(plans)}. The model is unchanged.",
+                      NothingPrunedWarning, stacklevel=2)
         return wrapper
 
     # ---- keep masks per tensor dim, in original coordinates
@@ -566,8 +632,13 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         for m in p.group.members:
             t = _get(model, m.fqn)
             tensors[id(t)] = t
+            if m.expert is not None:  # one expert's slice of a stacked weight: a keep mask per expert ([E, size])
+                mk = masks[id(t)].setdefault(m.dim, torch.ones(t.shape[0], t.shape[m.dim], dtype=torch.bool))
+                mk[m.expert, p.idx[(m.fqn, m.dim)][rem].reshape(-1)] = False
+                continue
             mk = masks[id(t)].setdefault(m.dim, torch.ones(t.shape[m.dim], dtype=torch.bool))
             mk[p.idx[(m.fqn, m.dim)][rem].reshape(-1)] = False
+    _check_expert_widths(masks, tensors)
     _check_conv_groups(masks, aliases)
     _check_structure(model, masks, aliases)
 
@@ -611,7 +682,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
         if tid in bias_of:
             base = base + deltas[bias_of[tid]].to(base.dtype)
         for dim, mk in masks.get(tid, {}).items():
-            base = base.index_select(dim, mk.nonzero().flatten().to(base.device))
+            base = _keep(base, dim, mk)
         new_tensors[tid] = base.clone()
     created: dict[str, torch.Tensor] = {}
     for mn, d in deltas.items():
@@ -645,9 +716,14 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
                 except SparsifyError:
                     raise
                 except Exception as e:
+                    site = _failure_site(e, model)
+                    changed = ", ".join(f"{u.where}.{u.name} {u.old}->{u.new}" for u in attr_updates) or "none"
                     raise ConfigError(
-                        f"the pruned model failed to run ({type(e).__name__}: {e}); the model was restored. It "
-                        "probably stores a size the pass could not find; report the module and attribute."
+                        f"the pruned model failed to run ({type(e).__name__}: {e}); the model was restored."
+                        + (f" It failed in {site}." if site else "")
+                        + f" Updated counts: {changed}. That module computes a size from a value the pass could "
+                        "not update (e.g. head_dim = input width // num_heads): exclude its kind from the ratio "
+                        "(e.g. ratio={'ffn_channels': 0.25}) or give the module a stored size the pass can update."
                     ) from e
     finally:
         model.train(was_training)
@@ -672,6 +748,40 @@ def _kept_per_conv_group(mod: nn.Module, keep: torch.Tensor) -> list[int]:
         [1, 1]
     """
     return keep.view(mod.groups, -1).sum(1).tolist()
+
+
+def _keep(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:
+    """``t`` with only the kept positions along ``dim``: ``mask`` is ``[size]``, or ``[E, size]`` for a stacked expert
+    weight, where each expert keeps its own positions (as many in every expert: :func:`_check_expert_widths`).
+
+    Example:
+        >>> _keep(torch.arange(8.).view(2, 1, 4), 2, torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1]], dtype=torch.bool))
+        tensor([[[0., 1.]],
+        <BLANKLINE>
+                [[5., 7.]]])
+    """
+    if mask.dim() == 1:
+        return t.index_select(dim, mask.nonzero().flatten().to(t.device))
+    kept = mask.nonzero()[:, 1].view(mask.shape[0], -1).to(t.device)  # row-major: expert by expert, in order
+    return torch.stack([t[e].index_select(dim - 1, kept[e]) for e in range(mask.shape[0])])
+
+
+def _check_expert_widths(masks: dict[int, dict[int, torch.Tensor]], tensors: dict[int, torch.Tensor]) -> None:
+    """A stacked expert weight keeps one width: every expert must lose the same number of channels (its own
+    ones). Per-layer ratios round per expert group, so they do; a global ranking may not, and is refused here,
+    before anything is written."""
+    for tid, dims in masks.items():
+        for dim, mk in dims.items():
+            if mk.dim() != 2:
+                continue
+            kept = mk.sum(1).tolist()
+            if len(set(kept)) != 1 or kept[0] == 0:
+                raise ConfigError(
+                    f"a stacked expert weight of shape {tuple(tensors[tid].shape)} would keep {kept} channels per "
+                    f"expert along dim {dim}; its experts share one tensor, so each must keep the same non-zero "
+                    "number. Use scope='per_layer' (the ratio rounds per expert) or a smaller ratio for "
+                    "ffn_channels."
+                )
 
 
 def _check_conv_groups(masks: dict[int, dict[int, torch.Tensor]],
@@ -737,7 +847,10 @@ def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPl
                 if z is None:
                     z = zeroed[id(t)] = t.detach().clone()
                 cols = p.idx[(m.fqn, m.dim)][rem].reshape(-1).to(z.device)
-                z.index_fill_(m.dim, cols, 0)
+                if m.expert is not None:
+                    z[m.expert].index_fill_(m.dim - 1, cols, 0)
+                else:
+                    z.index_fill_(m.dim, cols, 0)
         for tid, z in zeroed.items():
             obj = nn.Parameter(z, requires_grad=False)
             for mod, name in aliases[tid]:
