@@ -165,11 +165,12 @@ def test_bad_checkpoint_refused_before_any_write(tmp_path, ckpt: str, case: str,
     assert_unchanged(model, before)
 
 
-@pytest.mark.slow  # two spawned processes importing torch and transformers: ~30 s on 2 cores
-def test_fsdp2_two_processes_match_single_process(tmp_path, ckpt: str) -> None:
+@pytest.mark.slow  # spawned processes importing torch and transformers: ~30 s (2) / ~60 s (4) on 2 cores
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_processes_match_single_process(tmp_path, ckpt: str, world: int) -> None:
     """meta → s2ft → fully_shard per layer → to_empty → load_base (each rank reads its rows) → 3 AdamW steps →
-    export_adapter (gathers the trained blocks only); equals the single-process run on the whole batch."""
-    world = 2
+    export_adapter (gathers the trained blocks only); equals the single-process run on the whole batch (each of the
+    ``world`` ranks trains on its 4 / world rows)."""
     mp.spawn(large_worker.worker, args=(world, ckpt, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
              join=True)
     got = torch.load(tmp_path / "result.pt")
