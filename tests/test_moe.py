@@ -382,3 +382,38 @@ def test_prune_global_scope_that_would_unbalance_experts_is_refused_unchanged(ar
     with pytest.raises(sparsify_fx.errors.ConfigError, match="same non-zero number"):
         sparsify_fx.prune(model, (x,), sparsify_fx.PruneConfig(ratio={"ffn_channels": 0.25}, scope="global"))
     assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+
+
+def test_failed_s2ft_and_merge_leave_the_moe_model_bit_identical():
+    """Fault injection at the journaled writes that make the experts trainable (the last ones of s2ft: layout,
+    class, blocks, state) and at every write of an in-place merge: each failure rolls the model back exactly."""
+    from sparsify_fx.testing import InjectedFault, assert_unchanged, count_writes, fail_at_write, model_snapshot
+
+    torch.manual_seed(0)
+    model, x = mixtral(), ids()
+    before = model_snapshot(model)
+    with count_writes() as n:
+        sparsify_fx.s2ft(copy.deepcopy(model), (x,))
+    for k in range(n[0] - 6, n[0]):
+        with fail_at_write(k), pytest.raises(InjectedFault):
+            sparsify_fx.s2ft(model, (x,))
+        assert_unchanged(model, before)
+    tuned = sparsify_fx.s2ft(model, (x,))
+    torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=0.1).zero_grad()
+    tuned(x, labels=x).loss.backward()
+    torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=0.1).step()
+    trained = model_snapshot(tuned)
+    reference = logits(sparsify_fx.merge(tuned), x)
+    k = 0
+    while True:
+        with fail_at_write(k) as seen:
+            try:
+                sparsify_fx.merge(tuned, inplace=True)
+            except InjectedFault:
+                pass
+            else:
+                break
+        assert_unchanged(tuned, trained)
+        k += 1
+    assert k > 10 and seen[0] == k
+    assert torch.equal(logits(tuned, x), reference)
