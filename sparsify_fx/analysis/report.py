@@ -59,7 +59,10 @@ class Member:
         for occ in self.occurrences:
             for base in occ.offsets:
                 span = occ.units * occ.inner
-                new[base : base + span] = new[base : base + span].view(occ.units, occ.inner)[perm_t].reshape(-1)
+                # index_select, not new[...][perm_t]: advanced indexing of a [units, 1] view costs 50x more on CPU
+                # (3.5 ms vs 0.07 ms for 14336 FFN channels), and the co-permutation asks this for every member
+                block = new[base : base + span]
+                block.copy_(block.view(occ.units, occ.inner).index_select(0, perm_t).reshape(-1))
         return new
 
 

@@ -1,0 +1,185 @@
+"""Planning cost at scale (issue 14, item 5): trace + analyze + S²FT plan of Llama-3-shaped models on the meta device.
+
+Each configuration runs in a fresh process (so its peak RSS is its own): build the model under
+``torch.device("meta")``, then time separately
+
+- ``trace``: :func:`sparsify_fx.frontend.trace` (torch.export, non-strict, in eval mode as ``analyze`` does),
+- ``analyze``: :func:`sparsify_fx.analysis.analyze_graph` (propagation + report),
+- ``plan``: what :func:`sparsify_fx.s2ft` does after the analysis with ``strategy="random"`` (choose units,
+  co-permute every group, swap in ``S2FTLinear``; value-free on meta),
+
+and, on a second meta model in the same process, the public ``sparsify_fx.s2ft`` call end to end (``s2ft()``
+column: what a user waits for, first-call warm-up included). Wall and CPU seconds are both reported: on a shared
+machine the wall time includes waiting for a core, the CPU time does not.
+
+Configurations: the Llama-3-8B shape (h4096, GQA 32/8, i14336, vocab 128256) at 8, 16 and 32 layers (the per-layer
+growth is the least-squares slope over them) and the Llama-3-70B shape (h8192, GQA 64/8, i28672) at 80 layers.
+
+    /work/main/.venv/bin/python benchmarks/scale.py            # about 1-2 minutes on 2 cores
+    /work/main/.venv/bin/python benchmarks/scale.py --quick    # 2 and 4 layers of the 8B shape, writes no JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "scale.json")
+
+SHAPES: dict[str, dict[str, int]] = {
+    # Llama-3-8B and Llama-3-70B, as in their config.json
+    "8B": {"hidden": 4096, "heads": 32, "kv_heads": 8, "inter": 14336, "vocab": 128256},
+    "70B": {"hidden": 8192, "heads": 64, "kv_heads": 8, "inter": 28672, "vocab": 128256},
+}
+TARGETS_S = {("8B", 32): 10.0, ("70B", 80): 20.0}
+TARGET_RSS_MB = 2048.0
+
+
+def meta_llama(shape: str, layers: int) -> Any:
+    """A ``LlamaForCausalLM`` of the named shape built on the meta device (no memory for weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=layers,
+                      num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+                      max_position_embeddings=256)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+class _Clock:
+    """Wall and CPU seconds of one phase."""
+
+    def __enter__(self) -> _Clock:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+
+def plan_child(shape: str, layers: int) -> dict[str, Any]:
+    """One configuration, in this process: phase times, end-to-end s2ft() time, peak RSS."""
+    import torch
+
+    import sparsify_fx
+    from sparsify_fx.analysis import analyze_graph
+    from sparsify_fx.frontend import trace
+    from sparsify_fx.passes import s2ft as s2ft_mod
+    from sparsify_fx.passes.surgery import Journal
+
+    warnings.filterwarnings("ignore")
+    ids = torch.zeros(1, 8, dtype=torch.long, device="meta")
+    cfg = sparsify_fx.S2FTConfig(strategy="random", progress=False)
+
+    # the public call first, on its own model: it pays the first-trace warm-up a user pays
+    model = meta_llama(shape, layers)
+    with _Clock() as total:
+        sparsify_fx.s2ft(model, (ids,), cfg)
+    del model
+
+    model = meta_llama(shape, layers).eval()
+    with _Clock() as t_trace:
+        tg = trace(model, (ids,))
+    with _Clock() as t_analyze:
+        report = analyze_graph(tg)
+    with _Clock() as t_plan:  # the body of s2ft() after analyze()
+        units = s2ft_mod._plan(report, model, cfg)
+        s2ft_mod._select(units, s2ft_mod._score(model, units, cfg), cfg)
+        units = [u for u in units if u.selected]
+        swaps = s2ft_mod._swap_plan(model, units)
+        with Journal(model) as j:
+            s2ft_mod._apply(model, units, swaps, cfg, j)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "shape": shape,
+        "layers": layers,
+        **{f"{k}_wall_s": c.wall for k, c in (("trace", t_trace), ("analyze", t_analyze), ("plan", t_plan))},
+        **{f"{k}_cpu_s": c.cpu for k, c in (("trace", t_trace), ("analyze", t_analyze), ("plan", t_plan))},
+        "phases_wall_s": t_trace.wall + t_analyze.wall + t_plan.wall,
+        "s2ft_wall_s": total.wall,
+        "s2ft_cpu_s": total.cpu,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "graph_nodes": len(tg.graph.nodes),
+        "groups": len(report.groups),
+        "units": len(units),
+        "trainable_params": trained,
+    }
+
+
+def run_child(shape: str, layers: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", shape, str(layers)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{shape}/{layers} layers failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 and 4 layers of the 8B shape; no JSON")
+    ap.add_argument("--json", default=RESULTS)
+    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "LAYERS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(plan_child(args.child[0], int(args.child[1]))))
+        return
+
+    growth_layers = [2, 4] if args.quick else [8, 16, 32]
+    configs = [("8B", n) for n in growth_layers] + ([] if args.quick else [("70B", 80)])
+    rows = []
+    for shape, layers in configs:
+        r = run_child(shape, layers)
+        target = TARGETS_S.get((shape, layers))
+        r["target_s"] = target
+        met = target is not None and r["s2ft_wall_s"] <= target and r["peak_rss_mb"] <= TARGET_RSS_MB
+        r["meets_target"] = met if target is not None else None
+        rows.append(r)
+        print(f"  {shape} x{layers}: s2ft() {r['s2ft_wall_s']:.2f} s", file=sys.stderr)
+
+    head = ("shape", "layers", "trace s", "analyze s", "plan s", "sum s", "s2ft() s", "cpu s", "peak RSS MB", "target")
+    lines = ["  ".join(f"{h:>11}" for h in head)]
+    for r in rows:
+        tgt = "" if r["target_s"] is None else f"<= {r['target_s']:g} s: {'met' if r['meets_target'] else 'MISSED'}"
+        cells = (r["shape"], r["layers"], f"{r['trace_wall_s']:.2f}", f"{r['analyze_wall_s']:.2f}",
+                 f"{r['plan_wall_s']:.2f}", f"{r['phases_wall_s']:.2f}", f"{r['s2ft_wall_s']:.2f}",
+                 f"{r['s2ft_cpu_s']:.2f}", f"{r['peak_rss_mb']:.0f}", tgt)
+        lines.append("  ".join(f"{c!s:>11}" for c in cells))
+    grown = [r for r in rows if r["shape"] == "8B"]
+    xs = [float(r["layers"]) for r in grown]
+    growth = {k: slope(xs, [r[f"{k}_wall_s"] for r in grown]) for k in ("trace", "analyze", "plan")}
+    growth["total"] = slope(xs, [r["phases_wall_s"] for r in grown])
+    growth_cpu = {k: slope(xs, [r[f"{k}_cpu_s"] for r in grown]) for k in ("trace", "analyze", "plan")}
+    lines.append(
+        "per-layer growth (8B shape, least squares over " + "/".join(str(int(x)) for x in xs) + " layers): "
+        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in growth.items())
+        + " wall; " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in growth_cpu.items()) + " CPU"
+    )
+    load = os.getloadavg()[0]
+    lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} cores")
+    print("\n".join(lines))
+    if not args.quick:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"planning": rows, "per_layer_growth_s": growth, "per_layer_growth_cpu_s": growth_cpu,
+                       "load_average": load, "cpu_count": os.cpu_count()}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
