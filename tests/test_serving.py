@@ -168,12 +168,13 @@ def test_add_and_remove_while_serving(llama_family):
         sparsify_fx.remove_served_adapter(served, "q0")
 
 
-def test_generate_with_mixed_adapters_equals_per_adapter_generation(llama_family):
+@pytest.mark.parametrize("beams", [1, 2])  # beam search repeats each row: the names are repeated with them
+def test_generate_with_mixed_adapters_equals_per_adapter_generation(llama_family, beams):
     base, adapters = llama_family
     served = sparsify_fx.attach_adapters(copy.deepcopy(base), adapters)
     names = ["f1", BASE, "q0", "f0", "q1", "q0"]
     x = torch.randint(1, 128, (len(names), 5), generator=torch.Generator().manual_seed(7))
-    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": beams}
     mixed = served.generate(x, adapter_names=names, **kw)
     for name in set(names):
         rows = [i for i, n in enumerate(names) if n == name]
@@ -315,12 +316,13 @@ def test_combine_one_adapter_with_weight_one_is_that_adapter(llama_family):
     assert torch.equal(_reference(base, c, IDS), _reference(base, a, IDS))
 
 
-def test_combine_of_disjoint_adapters_applies_both(llama_family):
+def test_combine_of_disjoint_adapters_applies_both(llama_family, tmp_path):
     base, adapters = llama_family
     a, b = adapters["q0"], adapters["f0"]  # attention units and FFN units: no weight in common
     assert not a.entries.keys() & b.entries.keys()
+    sparsify_fx.combine([a, b]).save(tmp_path / "both")  # a combined adapter saves and loads like any other
     both = copy.deepcopy(base)
-    sparsify_fx.apply_adapter(both, sparsify_fx.combine([a, b]))
+    sparsify_fx.apply_adapter(both, sparsify_fx.load_adapter(tmp_path / "both"))
     expect = copy.deepcopy(base)
     with torch.no_grad():
         for e in [*a.entries.values(), *b.entries.values()]:
@@ -331,7 +333,7 @@ def test_combine_of_disjoint_adapters_applies_both(llama_family):
 
 
 def test_combine_weights_add_on_shared_units_and_take_the_union(llama_family):
-    _, adapters = llama_family
+    base, adapters = llama_family
     a, b = adapters["q0"], adapters["q1"]  # one s2ft run: the same units
     c = sparsify_fx.combine([a, b], weights=[0.5, -2.0])
     for fqn, e in a.entries.items():
@@ -346,6 +348,10 @@ def test_combine_weights_add_on_shared_units_and_take_the_union(llama_family):
     assert torch.equal(u.index, torch.unique(torch.cat([e.index, free])))
     pos = torch.searchsorted(u.index, free)
     assert torch.equal(u.delta.index_select(e.dim, pos), e.delta)
+    # the grown index has no sample of the values it replaces; the whole-base check still accepts the base
+    model = sparsify_fx.apply_adapter(copy.deepcopy(base), sparsify_fx.combine([a, moved]))
+    assert torch.equal(model.get_parameter(fqn).index_select(e.dim, free),
+                       base.get_parameter(fqn).index_select(e.dim, free) + e.delta)
 
 
 def test_combine_refuses_other_bases_dims_and_bad_weights(llama_family):
