@@ -93,7 +93,11 @@ class S2FTConfig:
     - ``attention`` / ``ffn``: the projections that train in the selected heads / channels. The
       S²FT default trains value+output heads and up+down channels; ``q``, ``k`` and ``gate`` can be
       added. An empty tuple leaves that kind frozen.
-    - ``attention_ratio`` / ``ffn_ratio``: fraction of units selected, in (0, 1].
+    - ``attention_ratio`` / ``ffn_ratio``: fraction of units selected, in (0, 1]. Mixture-of-experts layers with
+      stacked expert weights (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``) have one FFN
+      group per expert: ``ffn_ratio`` (and ``min_units``) apply per expert, so every expert trains its own
+      channels (with ``scope="per_layer"``, round(ffn_ratio x I) of them, at least ``min_units``), inside the
+      stacked weights (:mod:`sparsify_fx.passes.s2ft_experts`).
     - ``budget``: alternatively, the total number of trainable parameters; the ratios then only
       weigh the kinds against each other.
     - ``scope``: ``"per_layer"`` picks the fraction in every layer; ``"global"`` ranks units of a kind
