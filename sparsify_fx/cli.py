@@ -419,6 +419,32 @@ def _check_out(out: str) -> None:
         raise BadInput(f"--out {out} is a file; pass a directory to save the model in")
 
 
+class CannotSave(Exception):
+    """The result exists in memory but would not load back from what save_pretrained writes: exit 1."""
+
+
+def _check_rebuilds(model: nn.Module) -> None:
+    """Refuse, before writing, a pruned model that ``from_pretrained`` would rebuild with other shapes (a config
+    that derives a size, e.g. GPT-2's head size ``n_embd / n_head``)."""
+    import copy
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - any failure to rebuild means the checkpoint would not load
+        want = {"": (f"{type(e).__name__}: {e}",)}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [k for k in have if want.get(k) != have[k]]
+    if bad:
+        first = bad[0]
+        raise CannotSave(f"the pruned {type(model).__name__} would not load back: its config no longer rebuilds it "
+                         f"({first}: pruned {have[first]}, config gives {want.get(first, want.get(''))}); prune "
+                         "from Python and keep the model object (or save its state_dict)")
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     import sparsify_fx
 
@@ -432,6 +458,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     after = sum(p.numel() for p in model.parameters())
     if not hasattr(model, "save_pretrained"):
         raise BadInput(f"{loaded.name} has no save_pretrained; prune from Python and save it your way")
+    _check_rebuilds(model)
     model.save_pretrained(args.out)
     data = {"model": loaded.name, "ratio": args.ratio, "params_before": before, "params_after": after,
             "out": args.out}
@@ -566,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except BadInput as e:
         _fail(str(e), EXIT_BAD_INPUT)
+    except CannotSave as e:
+        _fail(str(e), EXIT_FAILED)
     except SparsifyError as e:  # the library's own errors name the cause and the fix: bad input, not a crash
         _fail(f"{type(e).__name__}: {e}", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
