@@ -80,7 +80,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "convnext": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
     "convnextv2": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
     "resnet": {"hidden_sizes": [16, 32], "depths": [1, 1], "embedding_size": 16},
-    "falcon": {"new_decoder_architecture": True},
+    "mamba2": {"num_heads": 8},  # num_heads * head_dim must equal hidden_size * expand
 }
 
 
@@ -116,9 +116,18 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
         kw["patch_size"] = min(PATCH, present["patch_size"])
     if isinstance(present.get("depths"), list):  # one block per stage, same number of stages
         kw["depths"] = [1] * len(present["depths"])
-    for key in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):  # MQA stays MQA
+    heads = next((present[k] for k in ("num_attention_heads", "n_head", "n_heads") if isinstance(present.get(k), int)),
+                 None)
+    for key in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):  # MQA stays MQA, MHA stays MHA
         if present.get(key) == 1:
             kw[key] = 1
+        elif key in kw and present.get(key) == heads:
+            kw[key] = HEADS
+    if isinstance(present.get("rotary_dim"), int):  # partial rotary within the shrunk head
+        kw["rotary_dim"] = min(present["rotary_dim"], HEAD_DIM)
+    if isinstance(present.get("layer_types"), list) and len(present["layer_types"]) > LAYERS:
+        # hybrid stacks list every layer explicitly; keep the first ones (their mix) rather than a stale length
+        kw["layer_types"] = present["layer_types"][:LAYERS]
     vocab = kw.get("vocab_size", present.get("vocab_size"))
     if isinstance(vocab, int):
         for key, value in present.items():  # special token ids must index the shrunk vocabulary
