@@ -496,7 +496,7 @@ def attach_adapters(model: nn.Module, adapters: Mapping[str, Adapter]) -> nn.Mod
         >>> served.generate(ids, adapter_names=["a", "__base__", "b"], max_new_tokens=8)
     """
     wrapper, model = model, unwrap(model)
-    require_composable(model, Verb.APPLY_ADAPTER)
+    require_composable(model, Verb.SERVE)
     state = _state(model)
     plans = _plan(model, state, adapters)
     with Journal(model) as j:

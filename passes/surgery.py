@@ -149,6 +149,7 @@ class Verb(enum.Enum):
     PRUNE = "prune"
     SPARSIFY = "sparsify"
     APPLY_ADAPTER = "apply_adapter"
+    SERVE = "attach_adapters"
 
 
 class Mark(enum.Enum):
@@ -157,6 +158,7 @@ class Mark(enum.Enum):
     S2FT = "S²FT-transformed"
     ADAPTER = "an adapter applied"
     MASKED = "N:M/block masks"
+    SERVED = "adapters attached for serving"
 
 
 def marks(model: nn.Module) -> set[Mark]:
@@ -169,6 +171,8 @@ def marks(model: nn.Module) -> set[Mark]:
         out.add(Mark.ADAPTER)
     if any(getattr(type(m), "sparsify_companions", None) for m in model.modules()):
         out.add(Mark.MASKED)
+    if model.__dict__.get("_sparsify_serving") is not None:
+        out.add(Mark.SERVED)
     return out
 
 
@@ -205,6 +209,21 @@ CONFLICTS: dict[tuple[Verb, Mark], str] = {
         "longer restore the base. Call remove_adapter(model) first."
     ),
 }
+
+
+_SERVED = (
+    "adapters are attached to this model for serving (attach_adapters): their deltas are indexed against the "
+    "current weights. detach_adapters(model) first."
+)
+CONFLICTS.update({(verb, Mark.SERVED): _SERVED for verb in Verb if verb is not Verb.SERVE})
+CONFLICTS[Verb.SERVE, Mark.S2FT] = (
+    "serving needs a plain base model, and this one trains its own S²FT blocks; merge() it first (or attach the "
+    "adapters to a fresh copy of the base)."
+)
+CONFLICTS[Verb.SERVE, Mark.ADAPTER] = (
+    "an adapter is applied to this model with apply_adapter: served deltas are indexed against the base. Call "
+    "remove_adapter(model) first."
+)
 
 
 def require_composable(model: nn.Module, verb: Verb) -> None:
