@@ -116,6 +116,108 @@ def plan_child(shape: str, layers: int) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------- loading
+# weights dominate: 4 layers of h2048 with a 32000 vocabulary, 311 M parameters, 1.24 GB in fp32
+LOAD_SHAPE = {"hidden": 2048, "heads": 16, "kv_heads": 4, "inter": 5632, "vocab": 32000, "layers": 4}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _rss_split_mb() -> dict[str, float]:
+    """Resident memory now, anonymous (tensors) vs file-backed (mmap'ed safetensors pages, reclaimable)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile"):
+                out[f"{key.lower()}_end_mb"] = int(line.split()[1]) / 1024
+    return out
+
+
+def _load_llama(device: str | None = None) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = LOAD_SHAPE
+    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
+                      num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+                      max_position_embeddings=256)
+    if device is None:
+        return LlamaForCausalLM(cfg)
+    import torch
+
+    with torch.device(device):
+        return LlamaForCausalLM(cfg)
+
+
+def load_child(mode: str, ckpt: str, rank: int, world: int, init_file: str) -> dict[str, Any]:
+    """One process of the load section: ``from_pretrained``, or meta → s2ft → (FSDP2 per layer) → load_base."""
+    import torch
+
+    import sparsify_fx
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    base = _rss_mb()  # imports done: what every process pays before any weight
+    if mode == "from_pretrained":
+        from transformers import LlamaForCausalLM
+
+        with _Clock() as clock:
+            model = LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+    else:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        try:
+            with _Clock() as clock:
+                model = _load_llama("meta")
+                sparsify_fx.s2ft(model, (torch.zeros(1, 8, dtype=torch.long),),
+                                 sparsify_fx.S2FTConfig(layout="separate", progress=False))
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+                model.to_empty(device="cpu")
+                sparsify_fx.load_base(model, ckpt)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    local = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters()) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "world": world, "rank": rank, "load_s": clock.wall, "peak_rss_mb": peak,
+            "base_rss_mb": base, "peak_above_base_mb": peak - base, "local_params_mb": local, **_rss_split_mb()}
+
+
+def load_section(tmp: str) -> dict[str, Any]:
+    """Peak memory per rank for 1 and 2 gloo ranks loading with load_base, and load time vs from_pretrained."""
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = os.path.join(tmp, "ckpt")
+    model = _load_llama()
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(ckpt, max_shard_size="300MB")
+    del model
+    rows = []
+    for mode, world in (("from_pretrained", 1), ("load_base", 1), ("load_base", 2)):
+        init = os.path.join(tmp, f"init-{mode}-{world}")
+        procs = [subprocess.Popen([sys.executable, __file__, "--load-child", mode, ckpt, str(r), str(world), init],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"{mode} world={world} failed:\n{err[-4000:]}")
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    single = next(r for r in rows if r["mode"] == "load_base" and r["world"] == 1)["peak_above_base_mb"]
+    for r in rows:
+        if r["mode"] == "load_base":
+            r["target_mb"] = (1 / r["world"] + 0.10) * single
+            r["meets_target"] = r["peak_above_base_mb"] <= r["target_mb"]
+    return {"params": n_params, "checkpoint_mb": n_params * 4 / 2**20, "rows": rows}
+
+
 def run_child(shape: str, layers: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", shape, str(layers)], capture_output=True, text=True,
                          check=False)
@@ -134,10 +236,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 and 4 layers of the 8B shape; no JSON")
     ap.add_argument("--json", default=RESULTS)
+    ap.add_argument("--no-load", action="store_true", help="skip the checkpoint-loading section")
     ap.add_argument("--child", nargs=2, metavar=("SHAPE", "LAYERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--load-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(plan_child(args.child[0], int(args.child[1]))))
+        return
+    if args.load_child:
+        mode, ckpt, rank, world, init = args.load_child
+        print(json.dumps(load_child(mode, ckpt, int(rank), int(world), init)))
         return
 
     growth_layers = [2, 4] if args.quick else [8, 16, 32]
@@ -170,6 +278,21 @@ def main() -> None:
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in growth.items())
         + " wall; " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in growth_cpu.items()) + " CPU"
     )
+    loading = None
+    if not args.quick and not args.no_load:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            loading = load_section(tmp)
+        lines.append(f"loading a {loading['params'] / 1e6:.0f} M-parameter Llama ({loading['checkpoint_mb']:.0f} MiB "
+                     "fp32, 300 MB shards); peak RSS above the process's RSS after imports:")
+        lines.append("  ".join(f"{h:>16}" for h in ("method", "world", "rank", "load s", "peak above MB",
+                                                     "params MB", "anon/file end MB", "target MB")))
+        for r in loading["rows"]:
+            tgt = f"{r['target_mb']:.0f} {'met' if r['meets_target'] else 'MISSED'}" if "target_mb" in r else ""
+            cells = (r["mode"], r["world"], r["rank"], f"{r['load_s']:.2f}", f"{r['peak_above_base_mb']:.0f}",
+                     f"{r['local_params_mb']:.0f}", f"{r['rssanon_end_mb']:.0f}/{r['rssfile_end_mb']:.0f}", tgt)
+            lines.append("  ".join(f"{c!s:>16}" for c in cells))
     load = os.getloadavg()[0]
     lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} cores")
     print("\n".join(lines))
@@ -177,7 +300,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"planning": rows, "per_layer_growth_s": growth, "per_layer_growth_cpu_s": growth_cpu,
-                       "load_average": load, "cpu_count": os.cpu_count()}, f, indent=1)
+                       "loading": loading, "load_average": load, "cpu_count": os.cpu_count()}, f, indent=1)
         print(f"wrote {args.json}")
 
 
