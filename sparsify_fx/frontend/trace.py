@@ -236,7 +236,7 @@ def _trace_with_dynamo(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     """The ATen graph of every piece dynamo captures (each piece exported like a model), as one TracedGraph."""
     parts = []
     for gm, infos, flat in _dynamo_graphs(model, args, kwargs):
-        with torch.no_grad(), _quiet_fake_tensor_errors():
+        with torch.no_grad():
             ep = torch.export.export(gm, tuple(flat), strict=False)
         parts.append((ep, infos))
     return _combine(parts, model), len(parts)
@@ -301,7 +301,7 @@ def _fallback(model: torch.nn.Module, args: tuple, kwargs: dict, exc: Exception)
     where = _user_frame(exc)
     cause = f"{type(exc).__name__}: {_first_line(exc)}"
     try:
-        with tracing_friendly(model):
+        with tracing_friendly(model), _quiet_fake_tensor_errors():
             tg, pieces = _trace_with_dynamo(model, args, kwargs)
     except Exception as dyn_exc:  # noqa: BLE001 - the export failure is the one to report; dynamo's is added
         raise TraceError(
