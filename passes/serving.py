@@ -131,8 +131,8 @@ class Segments:
 # ---------------------------------------------------------------------- the per-layer delta
 # An adapter group of at least this many adapters (same placement, width, dtype) is served by one bmm (each row
 # with its adapter's delta, BGMV-style) instead of one mm per adapter. Measured on the serving benchmark's shapes
-# (Llama h512 up/down, 41 units, batch 16 x 128 and 16 x 1, 2 CPU threads): one bmm is 5-15x faster for prefill at
-# 4 and 16 adapters, even for decode rows, and slower for a single adapter (it copies the delta per row).
+# (Llama h512 up/down, 41 units, batch 16 x 128, 2 CPU threads): one bmm is 5-15x faster at 4 and 16 adapters, and
+# no faster for a single adapter (it copies the delta per row); decode rows (16 x 1) measured too noisy to rank.
 _BATCHED_MIN = 2
 
 
