@@ -43,6 +43,7 @@ from sparsify_fx.passes.importance import (
     select,
 )
 from sparsify_fx.passes.layers import layer_type
+from sparsify_fx.passes.s2ft_blocks import S2FTBlocks, blocks_are_dense, separate_blocks
 from sparsify_fx.passes.s2ft_conv import (
     CONV_PROJECTIONS,
     S2FTConv,
@@ -722,7 +723,7 @@ def _share(units: list[Unit], kind: str, ratio: dict[str, float]) -> float:
 
 
 # ---------------------------------------------------------------------- the trainable module
-class S2FTLinear(nn.Module):
+class S2FTLinear(S2FTBlocks):
     """A frozen linear layer whose selected contiguous row/column blocks are trainable parameters.
 
     ``weight`` keeps the wrapped module's parameter (and shape: ``[out, in]`` for ``nn.Linear``,
@@ -747,43 +748,6 @@ class S2FTLinear(nn.Module):
         True
     """
 
-    def __init__(
-        self,
-        original: nn.Module,
-        weight: nn.Parameter,
-        bias: torch.Tensor | None,
-        transposed: bool,
-        param_dim: int,
-        starts: list[int],
-        lengths: list[int],
-        layout: str,
-    ) -> None:
-        if layout == "view" and not blocks_are_dense(weight, param_dim):
-            raise ConfigError(
-                f"S2FTLinear: view blocks along dim {param_dim} of a weight with strides {tuple(weight.stride())} "
-                "would have gaps, and fused optimizers (AdamW(fused=True)) would write the frozen values in them; "
-                f"store the weight with dim {param_dim} outermost first (sparsify_fx.s2ft does) or use "
-                "layout='separate'."
-            )
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-        self.weight.requires_grad_(False)
-        if isinstance(self.bias, nn.Parameter):
-            self.bias.requires_grad_(False)
-        self.transposed = transposed
-        self.param_dim = param_dim
-        self.starts = list(starts)
-        self.lengths = list(lengths)
-        self.layout = layout
-        blocks = []
-        for s, n in zip(starts, lengths):
-            view = weight.data.narrow(param_dim, s, n)
-            blocks.append(nn.Parameter(view if layout == "view" else view.clone(), requires_grad=True))
-        self.blocks = _BlockList(blocks)
-        # the original module object, restored by merge(); kept outside the module tree
-        object.__setattr__(self, "_original", original)
-
     @property
     def logical_dim(self) -> int:
         """Dim of the [out, in] weight the blocks run along."""
@@ -794,27 +758,9 @@ class S2FTLinear(nn.Module):
         blocks = [b.t() if self.transposed else b for b in self.blocks]
         return torch.ops.sparsify.s2ft_linear(x, w, self.bias, blocks, self.logical_dim, self.starts)
 
-    @torch.no_grad()
-    def sync_(self) -> None:
-        """Write separate-storage blocks back into ``weight`` (views need nothing)."""
-        for s, n, b in zip(self.starts, self.lengths, self.blocks):
-            dst = self.weight.data.narrow(self.param_dim, s, n)
-            if dst.data_ptr() != b.data_ptr():
-                dst.copy_(b.data)
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # a weight re-stored for dense blocks is saved row-major, as the plain layer would be (safetensors refuses
-        # strided tensors); with keep_vars the caller wants the Parameter itself, to write through it
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        w = destination.get(prefix + "weight")
-        if not keep_vars and isinstance(w, torch.Tensor) and not w.is_contiguous():
-            destination[prefix + "weight"] = w.contiguous()
-
     def extra_repr(self) -> str:
-        return (
-            f"weight={tuple(self.weight.shape)}, trainable {'rows' if self.logical_dim == 0 else 'columns'} "
-            f"{[(s, s + n) for s, n in zip(self.starts, self.lengths)]}, layout={self.layout}"
-        )
+        return (f"weight={tuple(self.weight.shape)}, "
+                + self._trained_repr("rows" if self.logical_dim == 0 else "columns"))
 
 
 def _linear_orientation(module: nn.Module, fqn: str, in_dim: int | None) -> bool:
@@ -885,35 +831,6 @@ def _meta_orientation(module: nn.Module, w: torch.Tensor, fqn: str, in_dim: int 
             "cannot be trained through S²FT's sparse linear; leave that projection out of the config."
         )
     return transposed
-
-
-def blocks_are_dense(weight: torch.Tensor, dim: int) -> bool:
-    """Is every ``weight.narrow(dim, s, n)`` one dense span of memory (``dim`` outermost, no gaps)?
-
-    Args:
-        weight: a 2-D weight.
-        dim: the dim the blocks run along.
-
-    Example:
-        >>> blocks_are_dense(torch.empty(4, 8), 0), blocks_are_dense(torch.empty(4, 8), 1)
-        (True, False)
-    """
-    return weight.movedim(dim, 0).is_contiguous()
-
-
-class _BlockList(nn.ParameterList):
-    """``S2FTLinear.blocks``. A view block shares its weight's memory, which safetensors refuses to save twice, so
-    ``state_dict()`` holds a copy of it (blocks are the trained few percent, so the copies are small)."""
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if keep_vars:
-            return
-        for name in self._parameters:
-            b = destination.get(prefix + name)
-            # a view block's storage is its weight's, larger than the block itself
-            if isinstance(b, torch.Tensor) and b.untyped_storage().nbytes() > b.numel() * b.element_size():
-                destination[prefix + name] = b.clone(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------- state kept on the model
@@ -1267,10 +1184,9 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for mod_name in st.modules:
             wrapped = get_module(target, mod_name)
             w = wrapped.weight
-            for s, n, b in zip(wrapped.starts, wrapped.lengths, wrapped.blocks):
-                dst = w.data.narrow(wrapped.param_dim, s, n)
-                if dst.data_ptr() != b.data_ptr():  # separate layout: the trained values live in the blocks
-                    j.copy_(dst, b.detach())
+            # separate layout: the trained values live in the blocks
+            for dst, b in separate_blocks(wrapped.block_slots()):
+                j.copy_(dst, b.detach())
             if not w.is_contiguous():
                 j.set_data(w, w.data.contiguous())
             original = wrapped._original

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from sparsify_fx.analysis import Group, Member, Occurrence
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.layers import ConvType, layer_type
+from sparsify_fx.passes.s2ft_blocks import S2FTBlocks, separate_blocks
 
 # projection names of a conv channel group: its producers' output channels and its consumers' input channels
 CONV_PROJECTIONS = ("out", "in")
@@ -216,7 +217,7 @@ def _row_grad(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, spec: _ConvSpe
     return _conv_backward(gy.narrow(1, s, n), xs, w.narrow(0, s, n), spec, groups, (False, True))[1]
 
 
-class S2FTConv(nn.Module):
+class S2FTConv(S2FTBlocks):
     """A frozen ``ConvNd`` whose contiguous output-channel blocks (``param_dim=0``) or input-channel blocks
     (``param_dim=1``, the same channels of every group) are the trainable parameters.
 
@@ -243,38 +244,14 @@ class S2FTConv(nn.Module):
         lengths: list[int],
         layout: str,
     ) -> None:
-        from sparsify_fx.passes.s2ft import _BlockList, blocks_are_dense
-
         why = conv_trainable(original)
         if why is not None:
             raise ConfigError(f"S2FTConv: cannot train {type(original).__name__}: {why}; leave it out of the config.")
         if param_dim not in (0, 1) or transposed:
             raise ConfigError(f"S2FTConv trains output (dim 0) or input (dim 1) channels, got dim {param_dim}.")
-        if layout == "view" and not blocks_are_dense(weight, param_dim):
-            raise ConfigError(
-                f"S2FTConv: view blocks along dim {param_dim} of a weight with strides {tuple(weight.stride())} "
-                "would have gaps, and fused optimizers would write the frozen values in them; store the weight with "
-                f"dim {param_dim} outermost first (sparsify_fx.s2ft does) or use layout='separate'."
-            )
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-        self.weight.requires_grad_(False)
-        if isinstance(self.bias, nn.Parameter):
-            self.bias.requires_grad_(False)
-        self.transposed = False
-        self.param_dim = param_dim
-        self.starts = list(starts)
-        self.lengths = list(lengths)
-        self.layout = layout
+        super().__init__(original, weight, bias, False, param_dim, starts, lengths, layout)
         self.stride, self.padding = tuple(original.stride), tuple(original.padding)
         self.dilation, self.groups = tuple(original.dilation), original.groups
-        blocks = []
-        for s, n in zip(starts, lengths):
-            view = weight.data.narrow(param_dim, s, n)
-            blocks.append(nn.Parameter(view if layout == "view" else view.clone(), requires_grad=True))
-        self.blocks = _BlockList(blocks)
-        object.__setattr__(self, "_original", original)
 
     @property
     def logical_dim(self) -> int:
@@ -282,32 +259,11 @@ class S2FTConv(nn.Module):
         return self.param_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = self.layout == "view" and all(
-            b.data_ptr() == self.weight.data.narrow(self.param_dim, s, n).data_ptr()
-            for s, n, b in zip(self.starts, self.lengths, self.blocks)
-        )
+        views = self.layout == "view" and not any(separate_blocks(self.block_slots()))
         spec = _ConvSpec(self.stride, self.padding, self.dilation, self.groups, self.param_dim, tuple(self.starts),
                          tuple(self.lengths), views)
         return _ConvBlocks.apply(x, self.weight, self.bias, spec, *self.blocks)
 
-    @torch.no_grad()
-    def sync_(self) -> None:
-        """Write separate-storage blocks back into ``weight`` (views need nothing)."""
-        for s, n, b in zip(self.starts, self.lengths, self.blocks):
-            dst = self.weight.data.narrow(self.param_dim, s, n)
-            if dst.data_ptr() != b.data_ptr():
-                dst.copy_(b.data)
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # a weight re-stored for dense column blocks is saved in the plain layout (safetensors refuses strides)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        w = destination.get(prefix + "weight")
-        if not keep_vars and isinstance(w, torch.Tensor) and not w.is_contiguous():
-            destination[prefix + "weight"] = w.contiguous()
-
     def extra_repr(self) -> str:
-        return (
-            f"weight={tuple(self.weight.shape)}, groups={self.groups}, trainable "
-            f"{'output' if self.param_dim == 0 else 'input'} channels "
-            f"{[(s, s + n) for s, n in zip(self.starts, self.lengths)]}, layout={self.layout}"
-        )
+        what = f"{'output' if self.param_dim == 0 else 'input'} channels"
+        return f"weight={tuple(self.weight.shape)}, groups={self.groups}, " + self._trained_repr(what)

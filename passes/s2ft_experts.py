@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.passes.s2ft_blocks import BlockList, contiguous_in_state_dict, separate_blocks
 from sparsify_fx.passes.surgery import Journal, get_module, split_fqn
 
 
@@ -173,25 +174,22 @@ class S2FTExperts(nn.Module):
                 return w
         return _ExpertBlocks.apply(w, self._s2ft_experts[name], *blocks)
 
+    def block_slots(self, name: str) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        """``(slice of the weight's data, block)`` per block of trained weight ``name``."""
+        w, spec = self._parameters[name], self._s2ft_experts[name]
+        return [(spec.view(w.data, i), b) for i, b in enumerate(self._modules["blocks"][name])]  # type: ignore[index]
+
     @torch.no_grad()
     def sync_(self) -> None:
         """Write separate-storage blocks back into their weights (views need nothing)."""
-        for name, spec in self._s2ft_experts.items():
-            w = self._parameters[name]
-            for i, b in enumerate(self._modules["blocks"][name]):  # type: ignore[index]
-                dst = spec.view(w.data, i)
-                if dst.data_ptr() != b.data_ptr():
-                    dst.copy_(b.data)
+        for name in self._s2ft_experts:
+            for dst, b in separate_blocks(self.block_slots(name)):
+                dst.copy_(b.data)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # a weight re-stored for dense column blocks is saved row-major, as the plain module would be
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if keep_vars:
-            return
-        for name in self._s2ft_experts:
-            w = destination.get(prefix + name)
-            if isinstance(w, torch.Tensor) and not w.is_contiguous():
-                destination[prefix + name] = w.contiguous()
+        contiguous_in_state_dict(destination, prefix, self._s2ft_experts, keep_vars)
 
 
 _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
@@ -233,8 +231,6 @@ def apply_experts(model: nn.Module, plans: list[ExpertWeightPlan], layout: str, 
     for mod_name, ps in by_module.items():
         module = get_module(model, mod_name)
         blocks = nn.ModuleDict()
-        from sparsify_fx.passes.s2ft import _BlockList
-
         for p in ps:
             w = module._parameters[p.attr]
             if layout == "view" and not blocks_are_dense_per_expert(w, p.blocks.dim):
@@ -244,7 +240,7 @@ def apply_experts(model: nn.Module, plans: list[ExpertWeightPlan], layout: str, 
                 view = p.blocks.view(w.data, i)
                 base_blocks[block_key(s)] = view.clone()
                 params.append(nn.Parameter(view if layout == "view" else view.clone(), requires_grad=True))
-            blocks[p.attr] = _BlockList(params)
+            blocks[p.attr] = BlockList(params)
         names = tuple(p.attr for p in ps)
         j.setattr(module, "__class__", _subclass(type(module), names))
         j.setattr(module, "_s2ft_experts", {p.attr: p.blocks for p in ps}, raw=True)
@@ -280,12 +276,10 @@ def merge_experts(model: nn.Module, modules: dict[str, list[str]], j: Journal) -
                               "replaced after s2ft, so it cannot be merged.")
         specs = module._s2ft_experts
         blocks = module._modules["blocks"]
-        for name, spec in specs.items():
+        for name in specs:
             w = module._parameters[name]
-            for i, b in enumerate(blocks[name]):  # type: ignore[index]
-                dst = spec.view(w.data, i)
-                if dst.data_ptr() != b.data_ptr():
-                    j.copy_(dst, b.detach())
+            for dst, b in separate_blocks(module.block_slots(name)):
+                j.copy_(dst, b.detach())
             if not w.is_contiguous():
                 j.set_data(w, w.data.contiguous())
         original = next(c for c in type(module).__mro__[1:] if not issubclass(c, S2FTExperts))
