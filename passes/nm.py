@@ -32,6 +32,7 @@ from sparsify_fx._io import save_safetensors_atomic
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes import nm_ops  # noqa: F401  (registers the sparsify:: ops)
 from sparsify_fx.passes._batch import calibrate
+from sparsify_fx.passes._config import check_bool, check_calibration, check_choice, is_int, is_real
 from sparsify_fx.passes.layers import Conv1DType, LinearType, layer_type, register_layer
 from sparsify_fx.passes.surgery import Journal, Verb, require_composable, require_values, unwrap
 
@@ -130,41 +131,25 @@ def pgf_scale(step: int, decay_steps: int, start: float = 1.0) -> float:
     return float(start) * max(0.0, 1.0 - step / decay_steps)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
 def _check_config(cfg: NMConfig | BlockConfig) -> None:
     for name in ("include", "skip"):
         globs = getattr(cfg, name)
         if globs is not None and (not isinstance(globs, Iterable) or not all(isinstance(g, str) for g in globs)):
             raise ConfigError(f"sparsify: {name} must be a list of FQN globs (strings), got {globs!r}.")
-    if cfg.score not in ("magnitude", "wanda"):
-        raise ConfigError(f"sparsify: score must be 'magnitude' or 'wanda', got {cfg.score!r}.")
+    check_choice("sparsify: ", "score", cfg.score, ("magnitude", "wanda"))
     if cfg.score == "wanda" and cfg.calibration is None:
         raise ConfigError("sparsify: score='wanda' needs calibration=[example inputs]; or use score='magnitude'.")
-    if cfg.padding not in ("none", "zero"):
-        raise ConfigError(f"sparsify: padding must be 'none' or 'zero', got {cfg.padding!r}.")
-    if (not _is_int(cfg.pgf_decay_steps) or not _is_real(cfg.pgf_start) or cfg.pgf_decay_steps < 0
+    check_choice("sparsify: ", "padding", cfg.padding, ("none", "zero"))
+    if (not is_int(cfg.pgf_decay_steps) or not is_real(cfg.pgf_start) or cfg.pgf_decay_steps < 0
             or not 0.0 <= cfg.pgf_start <= 1.0):
         raise ConfigError(
             f"sparsify: need pgf_decay_steps >= 0 and 0 <= pgf_start <= 1, got {cfg.pgf_decay_steps}, "
             f"{cfg.pgf_start}."
         )
-    if not isinstance(cfg.progress, bool):
-        raise ConfigError(f"sparsify: progress must be True or False, got {cfg.progress!r}.")
-    if cfg.calibration is not None and (isinstance(cfg.calibration, str | bytes)
-                                        or not isinstance(cfg.calibration, Iterable)):
-        raise ConfigError(
-            f"sparsify: calibration must be an iterable of example inputs or None, got "
-            f"{type(cfg.calibration).__name__}."
-        )
+    check_bool("sparsify: ", "progress", cfg.progress)
+    check_calibration("sparsify: ", cfg.calibration, what="example inputs")
     if isinstance(cfg, NMConfig):
-        if not (_is_int(cfg.n) and _is_int(cfg.m)) or cfg.n <= 0 or cfg.n > cfg.m:
+        if not (is_int(cfg.n) and is_int(cfg.m)) or cfg.n <= 0 or cfg.n > cfg.m:
             raise ConfigError(f"sparsify: N:M needs integers 0 < n <= m, got n={cfg.n!r}, m={cfg.m!r}.")
         if cfg.m > MAX_M:
             # the compact export stores a position within its group in one byte
@@ -173,11 +158,11 @@ def _check_config(cfg: NMConfig | BlockConfig) -> None:
             )
     else:
         block = cfg.block
-        if not isinstance(block, tuple) or len(block) != 2 or any(not _is_int(b) or b <= 0 for b in block):
+        if not isinstance(block, tuple) or len(block) != 2 or any(not is_int(b) or b <= 0 for b in block):
             raise ConfigError(
                 f"sparsify: block must be two positive ints (rows, cols) or one for square tiles, got {block!r}."
             )
-        if not _is_real(cfg.density) or not 0.0 < cfg.density <= 1.0:
+        if not is_real(cfg.density) or not 0.0 < cfg.density <= 1.0:
             raise ConfigError(f"sparsify: density must lie in (0, 1], got {cfg.density}.")
 
 
@@ -666,23 +651,23 @@ def _check_entry(path: str, i: int, e: Any) -> None:
     if not isinstance(e.get("fqn"), str):
         raise bad("fqn", e.get("fqn"), "expected a module name (string)")
     shape = e.get("shape")
-    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(x) and x >= 1 for x in shape):
+    if not isinstance(shape, list) or len(shape) != 2 or not all(is_int(x) and x >= 1 for x in shape):
         raise bad("shape", shape, "expected two positive ints [out, in]")
     kind = e.get("kind")
     if kind == "nm":
         n, m, packed = e.get("n"), e.get("m"), e.get("packed")
         # sparsify's own bound (zero padding allows groups up to 2 * in - 1), so every file it writes loads
         longest = min(_longest(shape[1], "zero"), MAX_M)
-        if not _is_int(m) or not 1 <= m <= longest:
+        if not is_int(m) or not 1 <= m <= longest:
             raise bad("m", m, f"expected an int in [1, {longest}] for in_features={shape[1]}")
-        if not _is_int(n) or not 1 <= n <= m:
+        if not is_int(n) or not 1 <= n <= m:
             raise bad("n", n, f"expected an int in [1, m={m}]")
         if not isinstance(packed, bool) or (packed and m > 16):
             raise bad("packed", packed, "expected true (only when m <= 16) or false")
     elif kind == "block":
         block = e.get("block")
         if (not isinstance(block, list) or len(block) != 2
-                or not all(_is_int(b) and 1 <= b <= _longest(d, "zero") for b, d in zip(block, shape))):
+                or not all(is_int(b) and 1 <= b <= _longest(d, "zero") for b, d in zip(block, shape))):
             raise bad("block", block, f"expected two ints [rows, cols] below twice the weight's shape {shape}")
     else:
         raise bad("kind", kind, "expected 'nm' or 'block'")

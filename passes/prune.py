@@ -35,6 +35,15 @@ import torch.nn as nn
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
 from sparsify_fx.errors import ConfigError, SparsifyError
 from sparsify_fx.passes._batch import run_batch
+from sparsify_fx.passes._config import (
+    check_bool,
+    check_calibration,
+    check_choice,
+    check_loss_fn,
+    check_seed,
+    is_int,
+    is_real,
+)
 from sparsify_fx.passes.hf import warn_if_not_pretrained
 from sparsify_fx.passes.importance import (
     Calibration,
@@ -102,37 +111,26 @@ class PruneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.scope not in ("per_layer", "global"):
-            raise ConfigError(f"PruneConfig.scope must be 'per_layer' or 'global', got {self.scope!r}.")
+        check_choice("PruneConfig.", "scope", self.scope, ("per_layer", "global"))
         if not isinstance(self.score, Importance) and (not isinstance(self.score, str) or self.score not in SCORES):
             raise ConfigError(
                 f"PruneConfig.score must be magnitude, activation, taylor or random, got {self.score!r}; or pass an "
                 "Importance (sparsify_fx.passes.importance) to rank units your way."
             )
-        if not isinstance(self.keep_min, int) or isinstance(self.keep_min, bool) or self.keep_min < 1:
+        if not is_int(self.keep_min) or self.keep_min < 1:
             raise ConfigError(f"PruneConfig.keep_min must be an int >= 1, got {self.keep_min!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"PruneConfig.seed must be an int, got {self.seed!r}; e.g. seed=0.")
+        check_seed("PruneConfig.", self.seed)
         for name in ("bias_compensation", "prune_hidden", "verify", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"PruneConfig.{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.calibration is not None and (isinstance(self.calibration, str | bytes)
-                                             or not isinstance(self.calibration, Iterable)):
-            raise ConfigError(
-                f"PruneConfig.calibration must be an iterable of batches (a list or a DataLoader) or None, "
-                f"got {type(self.calibration).__name__}."
-            )
-        if self.loss_fn is not None and not callable(self.loss_fn):
-            raise ConfigError(
-                f"PruneConfig.loss_fn must be a callable (model, batch) -> loss or None, got {self.loss_fn!r}."
-            )
+            check_bool("PruneConfig.", name, getattr(self, name))
+        check_calibration("PruneConfig.", self.calibration)
+        check_loss_fn("PruneConfig.", self.loss_fn)
         if not isinstance(self.ratio, int | float | Mapping) or isinstance(self.ratio, bool):
             raise ConfigError(
                 f"PruneConfig.ratio must be a float in [0, 1) or a dict kind -> float, got {self.ratio!r}."
             )
         ratios = self.ratio.values() if isinstance(self.ratio, Mapping) else [self.ratio]
         for r in ratios:
-            if not isinstance(r, int | float) or isinstance(r, bool) or not (0 <= r < 1):
+            if not is_real(r) or not (0 <= r < 1):
                 raise ConfigError(
                     f"PruneConfig.ratio must be in [0, 1) (a ratio of 1 would remove every unit), got {r!r}."
                 )

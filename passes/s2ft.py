@@ -27,6 +27,15 @@ import torch.nn as nn
 import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.passes._config import (
+    check_bool,
+    check_calibration,
+    check_choice,
+    check_loss_fn,
+    check_seed,
+    is_int,
+    is_real,
+)
 from sparsify_fx.passes.copermute import permute
 from sparsify_fx.passes.hf import drop_checkpointing_grads, keep_checkpointing_grads
 from sparsify_fx.passes.importance import (
@@ -77,14 +86,6 @@ class SubstitutedProjectionWarning(UserWarning):
 
 # the S²FT paper's choice; where v has no rows of its own per head, this default trains the closest projections
 DEFAULT_ATTENTION = ("v", "o")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 @dataclass
@@ -191,15 +192,14 @@ class S2FTConfig:
                 raise ConfigError(f"S2FTConfig.{name} has unknown projection(s) {bad}; choose from {list(known)}.")
         for name in ("attention_ratio", "ffn_ratio", "conv_ratio"):
             r = getattr(self, name)
-            if not _is_real(r) or not math.isfinite(r) or not (0 < r <= 1):
+            if not is_real(r) or not math.isfinite(r) or not (0 < r <= 1):
                 raise ConfigError(f"S2FTConfig.{name} must be a finite number in (0, 1], got {r!r}.")
-        if self.budget is not None and (not _is_int(self.budget) or self.budget <= 0):
+        if self.budget is not None and (not is_int(self.budget) or self.budget <= 0):
             raise ConfigError(
                 f"S2FTConfig.budget must be a positive int (a number of trainable parameters) or None, "
                 f"got {self.budget!r}."
             )
-        if self.scope not in ("per_layer", "global"):
-            raise ConfigError(f"S2FTConfig.scope must be 'per_layer' or 'global', got {self.scope!r}.")
+        check_choice("S2FTConfig.", "scope", self.scope, ("per_layer", "global"))
         if self.layers is not None:
             # a str or a bare int is a common slip for [0]: `0 in "0"` raises TypeError, `in 5` too
             if isinstance(self.layers, str) or not isinstance(self.layers, Sequence):
@@ -207,7 +207,7 @@ class S2FTConfig:
                     f"S2FTConfig.layers must be a list of layer indices or None, got {self.layers!r}; "
                     f"e.g. layers=[0, 1]."
                 )
-            bad = [x for x in self.layers if not _is_int(x) or x < 0]
+            bad = [x for x in self.layers if not is_int(x) or x < 0]
             if bad:
                 raise ConfigError(
                     f"S2FTConfig.layers must hold non-negative int layer indices, got {bad} in {list(self.layers)!r}."
@@ -225,28 +225,16 @@ class S2FTConfig:
                 f"S2FTConfig.strategy must be random, magnitude, gradient or activation, got {self.strategy!r}; "
                 "or pass an Importance (sparsify_fx.passes.importance) to rank units your way."
             )
-        if not _is_int(self.seed):
-            raise ConfigError(f"S2FTConfig.seed must be an int, got {self.seed!r}; e.g. seed=0.")
-        if self.calibration is not None and (isinstance(self.calibration, str | bytes)
-                                             or not isinstance(self.calibration, Iterable)):
-            raise ConfigError(
-                f"S2FTConfig.calibration must be an iterable of batches (a list or a DataLoader) or None, "
-                f"got {type(self.calibration).__name__}."
-            )
-        if self.loss_fn is not None and not callable(self.loss_fn):
-            raise ConfigError(
-                f"S2FTConfig.loss_fn must be a callable (model, batch) -> loss or None, got {self.loss_fn!r}."
-            )
+        check_seed("S2FTConfig.", self.seed)
+        check_calibration("S2FTConfig.", self.calibration)
+        check_loss_fn("S2FTConfig.", self.loss_fn)
         imp = resolve(self.strategy)
         if (imp.needs_batches or imp.needs_loss) and self.calibration is None:
             raise ConfigError(f"{option('strategy', self.strategy)} needs calibration batches: pass calibration=[...].")
-        if self.layout not in ("view", "separate"):
-            raise ConfigError(f"S2FTConfig.layout must be 'view' or 'separate', got {self.layout!r}.")
-        if not isinstance(self.progress, bool):
-            raise ConfigError(f"S2FTConfig.progress must be True or False, got {self.progress!r}.")
-        if not isinstance(self.distributed, bool):
-            raise ConfigError(f"S2FTConfig.distributed must be True or False, got {self.distributed!r}.")
-        if not _is_int(self.min_units) or self.min_units < 0:
+        check_choice("S2FTConfig.", "layout", self.layout, ("view", "separate"))
+        check_bool("S2FTConfig.", "progress", self.progress)
+        check_bool("S2FTConfig.", "distributed", self.distributed)
+        if not is_int(self.min_units) or self.min_units < 0:
             raise ConfigError(
                 f"S2FTConfig.min_units must be a non-negative int (units per layer and kind), got "
                 f"{self.min_units!r}; 1 trains at least one unit per layer, 0 lets ratios round to none."
