@@ -7,6 +7,7 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +44,48 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _replace_atomic(path: str | os.PathLike, prefix: str, write: Callable[[str], None]) -> None:
+    """Have ``write`` fill a temp file beside ``path``, then rename it over ``path``: what every writer here shares.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it: an existing file's mode is kept, a new file
+    gets ``0o666 & ~umask`` (not mkstemp's 0600). A symlink at ``path`` is written through: its target is replaced
+    and the link kept. The data is fsynced before the rename and the directory after it, so after a power loss the
+    name holds the old file or the complete new one. On any error, ``KeyboardInterrupt`` included, the temp file
+    is removed and ``path`` is untouched.
+
+    Args:
+        path: the final file name (or a symlink to it).
+        prefix: temp file name prefix, so a leftover says which writer it came from.
+        write: writes the whole file at the temp path it is given.
+
+    Example:
+        >>> _replace_atomic("notes.txt", ".x-", lambda tmp: open(tmp, "w").write("hi"))
+    """
+    # realpath follows every link in the chain (and a dangling link to where its target would be)
+    target = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(target)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str], prefix: str
 ) -> None:
@@ -65,29 +108,7 @@ def save_safetensors_atomic(
     """
     from safetensors.torch import save_file
 
-    # realpath follows every link in the chain (and a dangling link to where its target would be)
-    target = os.path.realpath(os.fspath(path))
-    directory = os.path.dirname(target)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+    _replace_atomic(path, prefix, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike, prefix: str) -> None:
@@ -102,22 +123,9 @@ def write_text_atomic(text: str, path: str | os.PathLike, prefix: str) -> None:
     Example:
         >>> write_text_atomic('{"format": "x"}', "config.json", prefix=".x-")
     """
-    target = os.path.realpath(os.fspath(path))
-    directory = os.path.dirname(target)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+
+    _replace_atomic(path, prefix, write)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sparsify_fx
-from sparsify_fx._io import save_safetensors_atomic
+from sparsify_fx._io import save_safetensors_atomic, write_text_atomic
 from sparsify_fx.errors import AdapterError, ConfigError
 from sparsify_fx.passes.nm import BlockConfig, MaskedLinear, NMConfig, export_sparse, load_sparse, sparsify
 from sparsify_fx.passes.prune import PruneConfig, prune
@@ -376,46 +376,64 @@ def test_load_adapter_good_file_still_loads(adapter_file, base):
 
 
 # ------------------------------------------------------------------------------------------------- file writing
+# both writers share _io's temp-file/mode/symlink/fsync logic; each test runs on both
 TENSORS = {"w": torch.arange(6, dtype=torch.float32)}
+TEXT = '{"format": "t"}'
 
 
-def _read(path) -> torch.Tensor:
+def _write(kind: str, path) -> None:
+    if kind == "safetensors":
+        save_safetensors_atomic(TENSORS, path, {"format": "t"}, prefix=".t-")
+    else:
+        write_text_atomic(TEXT, path, prefix=".t-")
+
+
+def _holds_new(kind: str, path) -> bool:
+    if kind == "text":
+        return open(path, encoding="utf-8").read() == TEXT
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("w")
+        return torch.equal(f.get_tensor("w"), TENSORS["w"])
 
 
+WRITERS = ["safetensors", "text"]
+
+
+@pytest.mark.parametrize("kind", WRITERS)
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
-def test_new_file_gets_the_umask_mode(tmp_path, umask, mode):
+def test_new_file_gets_the_umask_mode(tmp_path, umask, mode, kind):
     old = os.umask(umask)
     try:
-        save_safetensors_atomic(TENSORS, tmp_path / "f.safetensors", {"format": "t"}, prefix=".t-")
+        _write(kind, tmp_path / "f")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "f.safetensors").st_mode) == mode
+    assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == mode
 
 
-def test_existing_file_keeps_its_mode(tmp_path):
-    path = tmp_path / "f.safetensors"
+@pytest.mark.parametrize("kind", WRITERS)
+def test_existing_file_keeps_its_mode(tmp_path, kind):
+    path = tmp_path / "f"
     path.write_bytes(b"old")
     os.chmod(path, 0o600)
-    save_safetensors_atomic(TENSORS, path, {"format": "t"}, prefix=".t-")
+    _write(kind, path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert torch.equal(_read(path), TENSORS["w"])
+    assert _holds_new(kind, path)
 
 
-def test_symlink_is_written_through(tmp_path):
+@pytest.mark.parametrize("kind", WRITERS)
+def test_symlink_is_written_through(tmp_path, kind):
     (tmp_path / "store").mkdir()
-    target = tmp_path / "store" / "real.safetensors"
+    target = tmp_path / "store" / "real"
     target.write_bytes(b"old")
-    link = tmp_path / "link.safetensors"
+    link = tmp_path / "link"
     os.symlink(target, link)
-    save_safetensors_atomic(TENSORS, link, {"format": "t"}, prefix=".t-")
+    _write(kind, link)
     assert os.path.islink(link) and os.readlink(link) == str(target)
-    assert torch.equal(_read(target), TENSORS["w"])
-    assert sorted(os.listdir(tmp_path / "store")) == ["real.safetensors"]  # no temp file left
+    assert _holds_new(kind, target)
+    assert sorted(os.listdir(tmp_path / "store")) == ["real"]  # no temp file left
 
 
-def test_fsync_before_rename_and_directory_after(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", WRITERS)
+def test_fsync_before_rename_and_directory_after(tmp_path, monkeypatch, kind):
     events: list[tuple] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -430,10 +448,24 @@ def test_fsync_before_rename_and_directory_after(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    path = tmp_path / "f.safetensors"
-    save_safetensors_atomic(TENSORS, path, {"format": "t"}, prefix=".t-")
+    path = tmp_path / "f"
+    _write(kind, path)
     assert events == [
         ("fsync", False, os.stat(path).st_ino),  # the data, under its temp name (same inode)
         ("replace",),
         ("fsync", True, os.stat(tmp_path).st_ino),  # the directory entry
     ]
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch, kind):
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(KeyboardInterrupt):
+        _write(kind, path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f"]
