@@ -233,17 +233,23 @@ def sparse_files(tmp_path_factory, base):
     return out
 
 
-def _rewrite(src, dst, edit_entry=None, edit_meta=None):
+def _rewrite(src, dst, entry=None, meta=None, delta=None, entries="layers"):
+    """Copy a saved file to ``dst`` with edits: ``entry`` edits the first item of the JSON list in header field
+    ``entries`` (a sparse file's "layers", an adapter's "entries"), ``meta`` the header dict, and ``delta`` is
+    written into the adapter's first delta."""
     with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
+        md = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit_entry is not None:
-        layers = json.loads(meta["layers"])
-        edit_entry(layers[0])
-        meta["layers"] = json.dumps(layers)
-    if edit_meta is not None:
-        edit_meta(meta)
-    save_file(tensors, str(dst), metadata=meta)
+    if entry is not None:
+        items = json.loads(md[entries])
+        entry(items[0])
+        md[entries] = json.dumps(items)
+    if meta is not None:
+        meta(md)
+    if delta is not None:
+        tensors["0.delta"] = tensors["0.delta"].clone()
+        tensors["0.delta"].view(-1)[3] = delta
+    save_file(tensors, str(dst), metadata=md)
     return dst
 
 
@@ -304,7 +310,7 @@ def test_load_sparse_refuses_masked_layers_the_file_does_not_cover(tmp_path, bas
 
 def test_load_sparse_reads_files_without_the_layer_list(tmp_path, base, sparse_files):
     src, sparse = sparse_files["nm"]
-    old = _rewrite(src, tmp_path / "old.safetensors", edit_meta=lambda m: m.pop("linear_layers"))
+    old = _rewrite(src, tmp_path / "old.safetensors", meta=lambda m: m.pop("linear_layers"))
     model = copy.deepcopy(base)
     load_sparse(model, old)
     assert isinstance(model.model.layers[0].self_attn.q_proj, MaskedLinear)
@@ -326,23 +332,6 @@ def adapter_file(tmp_path_factory, base):
     return path
 
 
-def _rewrite_adapter(src, dst, entry=None, meta=None, delta=None):
-    with safe_open(str(src), framework="pt") as f:
-        md = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if entry is not None:
-        entries = json.loads(md["entries"])
-        entry(entries[0])
-        md["entries"] = json.dumps(entries)
-    if meta is not None:
-        meta(md)
-    if delta is not None:
-        tensors["0.delta"] = tensors["0.delta"].clone()
-        tensors["0.delta"].view(-1)[3] = delta
-    save_file(tensors, str(dst), metadata=md)
-    return dst
-
-
 ADAPTER_BAD = [
     ({"meta": _set(version="abc")}, r"header field version='abc' is not a non-negative integer"),
     ({"meta": _set(fingerprint="")}, r"header field fingerprint='' is not a hash string"),
@@ -361,7 +350,7 @@ ADAPTER_BAD = [
 
 @pytest.mark.parametrize("edit,match", ADAPTER_BAD, ids=[m[:30] for _, m in ADAPTER_BAD])
 def test_load_adapter_bad_header_refused(tmp_path, adapter_file, edit, match):
-    path = _rewrite_adapter(adapter_file, tmp_path / "bad.safetensors", **edit)
+    path = _rewrite(adapter_file, tmp_path / "bad.safetensors", entries="entries", **edit)
     with pytest.raises(AdapterError, match=r"bad\.safetensors.*" + match):
         sparsify_fx.load_adapter(path)
 
