@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsify_fx.codegen.kernels._gemm import gemm_launch_options
 from sparsify_fx.codegen.lowering import import_triton, register_twin, require_triton
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.ops import blocks_in_place, validate_tensors
@@ -38,6 +39,7 @@ __all__ = ["HAS_TRITON", "delta_gemm", "delta_gemm_reference", "index_map"]
 
 
 if HAS_TRITON:
+    from sparsify_fx.codegen.kernels._gemm import dot_folded, store_tile
 
     @triton.jit
     def _delta_gemm_kernel(
@@ -87,23 +89,8 @@ if HAS_TRITON:
                     w = tl.where(dmask, dc, w)
                 else:
                     w = w + dc
-            if UPCAST:
-                # Interpreter: its bf16 dot multiplies raw uint16 bits and its fp32->bf16 cast truncates. Round the
-                # folded tile to nearest-even by hand (as the GPU cast does), then dot in fp32 (bf16*bf16 is exact).
-                if x_ptr.dtype.element_ty == tl.bfloat16:
-                    bits = w.to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                    w = bits.to(tl.float32, bitcast=True)
-                else:
-                    w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-                x = x.to(tl.float32)
-            else:
-                w = w.to(x_ptr.dtype.element_ty)
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_yt + rn[None, :] * stride_yo, acc.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+            acc = dot_folded(acc, x, w, x_ptr, UPCAST, INPUT_PRECISION)
+        store_tile(y_ptr, b_ptr, acc, rm, rn, mask_m, mask_n, stride_yt, stride_yo, HAS_BIAS)
 
 
 def index_map(indices: Tensor, size: int) -> Tensor:
@@ -189,17 +176,15 @@ def delta_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None, rows: Tens
         col_pos = index_map(cols, in_)
     dr = row_delta if has_rows else dummy_f
     dc = col_delta if has_cols else dummy_f
-    block_m, block_n, block_k = (32, 32, 32) if x.device.type == "cpu" else (64, 64, 32)
-    grid = (triton.cdiv(T, block_m), triton.cdiv(out, block_n))
+    opts = gemm_launch_options(x.device, tf32)
+    grid = (triton.cdiv(T, opts["BLOCK_M"]), triton.cdiv(out, opts["BLOCK_N"]))
     _delta_gemm_kernel[grid](
         x2, weight, bias if bias is not None else dummy_f, y, dr, row_pos if has_rows else dummy_i,
         dc, col_pos if has_cols else dummy_i,
         T, in_, out,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         dr.stride(0), dr.stride(1), dc.stride(0), dc.stride(1),
-        HAS_BIAS=bias is not None, HAS_ROWS=has_rows, HAS_COLS=has_cols, REPLACE=replace,
-        UPCAST=x.device.type == "cpu", INPUT_PRECISION="tf32" if tf32 else "ieee",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, HAS_ROWS=has_rows, HAS_COLS=has_cols, REPLACE=replace, **opts,
     )
     return y.reshape(*x.shape[:-1], out)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsify_fx.codegen.kernels._gemm import gemm_launch_options
 from sparsify_fx.codegen.lowering import import_triton, register_twin, require_triton
 from sparsify_fx.passes import serving
 
@@ -47,6 +48,7 @@ _BASE, _OUTPUT, _INPUT = 0, 1, 2
 
 
 if HAS_TRITON:
+    from sparsify_fx.codegen.kernels._gemm import dot_folded, store_tile
 
     @triton.jit
     def _served_gemm_kernel(
@@ -89,23 +91,8 @@ if HAS_TRITON:
                 ipos = tl.load(pos_ptr + seg * POSW + rk, mask=mask_k, other=-1)
                 dmask = (ipos >= 0)[:, None] & mask_n[None, :]
                 w += tl.load(d_ptr + doff + ipos[:, None] * OUT + rn[None, :], mask=dmask, other=0.0)
-            if UPCAST:
-                # Interpreter: its bf16 dot multiplies raw bits and its fp32->bf16 cast truncates; round the folded
-                # tile to nearest-even by hand (as the GPU cast does), then dot in fp32 (bf16*bf16 is exact in fp32)
-                if x_ptr.dtype.element_ty == tl.bfloat16:
-                    bits = w.to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                    w = bits.to(tl.float32, bitcast=True)
-                else:
-                    w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-                x = x.to(tl.float32)
-            else:
-                w = w.to(x_ptr.dtype.element_ty)
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + tok[:, None] * stride_yt + rn[None, :] * stride_yo, acc.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+            acc = dot_folded(acc, x, w, x_ptr, UPCAST, INPUT_PRECISION)
+        store_tile(y_ptr, b_ptr, acc, tok, rn, mask_m, mask_n, stride_yt, stride_yo, HAS_BIAS)
 
 
 def served_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor, starts: list[int], ends: list[int],
@@ -157,7 +144,8 @@ def served_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor, st
     pos = torch.full((len(counts), posw), -1, dtype=torch.int32, device=dev)
     for s, i in enumerate(live):
         pos[s, index[i]] = torch.arange(index[i].numel(), dtype=torch.int32, device=dev)
-    block_m, block_n, block_k = (32, 32, 32) if dev.type == "cpu" else (64, 64, 32)
+    opts = gemm_launch_options(dev, tf32)
+    block_m = opts["BLOCK_M"]
     tile_seg, tile_off, row0 = [], [], []
     first = 0
     for s, n in enumerate(counts):
@@ -172,15 +160,14 @@ def served_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor, st
     def ints(v: list[int]) -> Tensor:
         return torch.tensor(v, dtype=torch.int32, device=dev)
 
-    grid = (len(tile_seg), triton.cdiv(out, block_n))
+    grid = (len(tile_seg), triton.cdiv(out, opts["BLOCK_N"]))
     _served_gemm_kernel[grid](
         x2, weight, bias if bias is not None else weight, y, d, pos, seg_rows,
         ints(tile_seg), ints(tile_off), ints(row0), ints([n * tokens for n in counts]), ints(kinds),
         ints(offsets + [0]),
         tokens, in_, out, posw,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, UPCAST=dev.type == "cpu", INPUT_PRECISION="tf32" if tf32 else "ieee",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, **opts,
     )
     return y.reshape(*x.shape[:-1], out)
 
