@@ -229,10 +229,13 @@ class Importance(ABC):
     needs_batches: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
     needs_values: ClassVar[bool] = True  # reads weights or runs the model, so a meta-device model cannot be scored
+    fixed_name: ClassVar[str | None] = None  # the name when it does not depend on the object's settings
 
     @property
     def name(self) -> str:
-        return type(self).__name__
+        """How messages and configs name this scoring: :attr:`fixed_name`, else the class name; subclasses whose
+        name depends on their settings override it."""
+        return self.fixed_name or type(self).__name__
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -275,13 +278,10 @@ class RandomImportance(Importance):
     """
 
     needs_values = False
+    fixed_name = "random"
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
-
-    @property
-    def name(self) -> str:
-        return "random"
 
     def __repr__(self) -> str:
         return f"RandomImportance(seed={self.seed})"
@@ -350,10 +350,7 @@ class ActivationImportance(Importance):
     """
 
     needs_batches = True
-
-    @property
-    def name(self) -> str:
-        return "activation"
+    fixed_name = "activation"
 
     def score(self, model: nn.Module, units: Sequence[Units], calib: Calibration) -> dict[str, torch.Tensor]:
         inputs = {f.module: f.axis for u in units for f in u.feeds}
@@ -505,6 +502,7 @@ class FixedImportance(Importance):
     """
 
     needs_values = False
+    fixed_name = "fixed"
 
     def __init__(self, scores: Mapping[str, torch.Tensor], origin: str = "given scores") -> None:
         if not isinstance(scores, Mapping):
@@ -515,10 +513,6 @@ class FixedImportance(Importance):
             raise ConfigError(f"FixedImportance scores must map group names to 1-D tensors; {bad[:3]} do not.")
         self.scores = {k: v.detach().to("cpu").clone() for k, v in scores.items()}
         self.origin = origin
-
-    @property
-    def name(self) -> str:
-        return "fixed"
 
     def __repr__(self) -> str:
         return f"FixedImportance({self.origin}, {len(self.scores)} groups)"

@@ -19,6 +19,7 @@ from sparsify_fx.passes.importance import (
     Calibration,
     Combine,
     Feed,
+    FixedImportance,
     GradientImportance,
     Importance,
     MagnitudeImportance,
@@ -261,3 +262,17 @@ def test_select_per_group_and_across_groups():
 
     assert select([a, b], 3, highest=True, admit=one_from_a) == [[3], [0, 1]]
     assert select([a, b], None, highest=False, admit=lambda i: i == 1) == [[], [0, 1]]
+
+
+def test_each_importance_is_named_as_configs_spell_it():
+    class Plain(Importance):
+        def score(self, model, units, calib):
+            return {}
+
+    class Named(Plain):
+        fixed_name = "named"
+
+    got = [RandomImportance(3).name, ActivationImportance().name, FixedImportance({}).name,
+           MagnitudeImportance().name, MagnitudeImportance(p=1).name, GradientImportance("taylor").name,
+           Plain().name, Named().name]
+    assert got == ["random", "activation", "fixed", "magnitude", "magnitude(p=1)", "taylor", "Plain", "named"]
