@@ -3,6 +3,7 @@ and a random-architecture generator for property tests. Imported by path (tests 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,37 @@ def output_tensor(y):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||: the relative error every equivalence test states its tolerance in."""
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def random_perm(n: int, g: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``n`` units that moves something (the identity tests nothing) when ``n > 1``."""
+    if n < 2:
+        return torch.arange(n)
+    while True:
+        p = torch.randperm(n, generator=g)
+        if not torch.equal(p, torch.arange(n)):
+            return p
+
+
+def check_groups_are_symmetries(model, inputs, report, grad_input=None, seed=0, tol=1e-5):
+    """Permute each reported group at random in a copy of ``model``: the output (and, where ``grad_input`` is
+    given, the input gradient it computes; not for ``hidden``) must stay within ``tol`` relative error (1e-5 fits
+    fp32; a wrong permutation errs at O(1))."""
+    from sparsify_fx.passes import permute
+
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ref = output_tensor(model(*inputs))
+    for grp in report.groups:
+        m2 = copy.deepcopy(model)
+        permute(m2, grp, random_perm(grp.num_units, g))
+        with torch.no_grad():
+            out = output_tensor(m2(*inputs))
+        assert rel_err(out, ref) <= tol, f"{grp.name} ({grp.kind}) changed the output: {rel_err(out, ref):.2e}"
+        if grad_input is not None and grp.kind != "hidden":
+            ga, gb = grad_input(model), grad_input(m2)
+            assert rel_err(gb, ga) <= tol, f"{grp.name} changed the input gradient"
 
 
 def llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128):

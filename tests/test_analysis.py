@@ -10,39 +10,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import check_groups_are_symmetries
 from models import output_tensor as _out
-from models import rel_err
 
 import sparsify_fx
 from sparsify_fx.passes import permute
-
-TOL = 1e-5  # fp32 relative error for permuted vs original outputs and input gradients
-
-
-def random_perm(n: int, g: torch.Generator) -> torch.Tensor:
-    if n < 2:
-        return torch.arange(n)
-    while True:
-        p = torch.randperm(n, generator=g)
-        if not torch.equal(p, torch.arange(n)):
-            return p
-
-
-def check_groups_are_symmetries(model, inputs, report, grad_input=None, seed=0):
-    """Permute each group at random: outputs (and input gradients) must not change."""
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        ref = _out(model(*inputs))
-    for grp in report.groups:
-        m2 = copy.deepcopy(model)
-        permute(m2, grp, random_perm(grp.num_units, g))
-        with torch.no_grad():
-            out = _out(m2(*inputs))
-        assert rel_err(out, ref) <= TOL, f"{grp.name} ({grp.kind}) changed the output: {rel_err(out, ref):.2e}"
-        if grad_input is not None and grp.kind != "hidden":
-            ga, gb = grad_input(model), grad_input(m2)
-            assert rel_err(gb, ga) <= TOL, f"{grp.name} changed the input gradient"
 
 
 def summary_of(report):
