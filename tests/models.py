@@ -130,6 +130,22 @@ def albert(layers: int = 2, heads: int = 4, embedding: int = 32, hidden: int = 6
     return AlbertModel(cfg)
 
 
+class CatTrainable(nn.Module):
+    """S²FT written in plain PyTorch: trainable columns 8:12 of ``w2`` concatenated with its frozen rest (the
+    partial training the ``"sparsify"`` backend's rewrites fire on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(32, 16, generator=g) / 4, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(24, 32, generator=g) / 6, requires_grad=False)
+        self.block = nn.Parameter(self.w2.data[:, 8:12].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(F.linear(x, self.w1))
+        return F.linear(h, torch.cat([self.w2[:, :8], self.block, self.w2[:, 12:]], dim=1))
+
+
 class SmallCNN(nn.Module):
     """conv -> BatchNorm -> ReLU -> conv -> BatchNorm -> ReLU -> pool -> linear."""
 

@@ -23,22 +23,6 @@ from sparsify_fx.codegen import backend as be
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.testing import assert_equivalent
 
-
-class CatTrainable(nn.Module):
-    """S²FT in plain PyTorch: trainable columns 8:12 of w2 concatenated with its frozen rest."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w1 = nn.Parameter(torch.randn(32, 16, generator=g) / 4, requires_grad=False)
-        self.w2 = nn.Parameter(torch.randn(24, 32, generator=g) / 6, requires_grad=False)
-        self.block = nn.Parameter(self.w2.data[:, 8:12].clone())
-
-    def forward(self, x):
-        h = F.gelu(F.linear(x, self.w1))
-        return F.linear(h, torch.cat([self.w2[:, :8], self.block, self.w2[:, 12:]], dim=1))
-
-
 # ---------------------------------------------------------------------------------------------------- options
 
 
@@ -123,7 +107,7 @@ def test_backend_string_works_without_importing_sparsify_fx():
 
 def test_plain_model_matches_eager_and_dump_shows_the_rewrites(tmp_path):
     torch._dynamo.reset()
-    model = CatTrainable()
+    model = models.CatTrainable()
     x = torch.randn(3, 5, 16)
     compiled = torch.compile(model, backend="sparsify", options={"dump": str(tmp_path)})
     assert_equivalent(model, compiled, (x,), rtol=1e-5, atol=1e-6)
@@ -181,7 +165,7 @@ def test_failing_rewrite_falls_back_with_logged_reason(monkeypatch, caplog):
 
     monkeypatch.setitem(be.REWRITES, "slice_saved_activations", broken)
     torch._dynamo.reset()
-    model = CatTrainable()
+    model = models.CatTrainable()
     x = torch.randn(2, 16)
     with caplog.at_level(logging.WARNING, logger="sparsify_fx"), be.recording() as records:
         assert_equivalent(model, torch.compile(model, backend="sparsify"), (x,), rtol=1e-5, atol=1e-6)
@@ -204,7 +188,7 @@ def test_failure_inside_inductor_with_our_hooks_retries_plain_inductor(monkeypat
 
     monkeypatch.setattr(be, "_make_inner", broken_inner)
     torch._dynamo.reset()
-    model = CatTrainable()
+    model = models.CatTrainable()
     with caplog.at_level(logging.WARNING, logger="sparsify_fx"), be.recording() as records:
         assert_equivalent(model, torch.compile(model, backend="sparsify"), (torch.randn(2, 16),), rtol=1e-5,
                           atol=1e-6)
@@ -280,7 +264,7 @@ def test_s2ft_training_matches_eager(name, kernels):
 
 
 def test_explain_reports_rewrites_and_leaves_the_model_alone(capsys):
-    model = CatTrainable()
+    model = models.CatTrainable()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = sparsify_fx.explain(model, (torch.randn(3, 5, 16),))
     printed = capsys.readouterr().out

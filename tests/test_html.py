@@ -12,8 +12,6 @@ from pathlib import Path
 import models
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import sparsify_fx
 from sparsify_fx import html as report_html
@@ -155,24 +153,9 @@ def test_gpt2_report_in_chromium_fused_qkv_heads_and_nothing_selected(tmp_path):
         page.read_text())
 
 
-class CatTrainable(nn.Module):
-    """Plain-PyTorch partial training the backend's rewrites fire on: trainable columns 8:12 of w2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w1 = nn.Parameter(torch.randn(32, 16, generator=g) / 4, requires_grad=False)
-        self.w2 = nn.Parameter(torch.randn(24, 32, generator=g) / 6, requires_grad=False)
-        self.block = nn.Parameter(self.w2.data[:, 8:12].clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(F.linear(x, self.w1))
-        return F.linear(h, torch.cat([self.w2[:, :8], self.block, self.w2[:, 12:]], dim=1))
-
-
 def test_explain_to_html_shows_fired_rewrites_saved_bytes_and_graphs_side_by_side(tmp_path):
     torch._dynamo.reset()
-    expl = sparsify_fx.explain(CatTrainable(), (torch.randn(3, 5, 16),), verbose=False)
+    expl = sparsify_fx.explain(models.CatTrainable(), (torch.randn(3, 5, 16),), verbose=False)
     (g,) = expl.graphs
     page = tmp_path / "explain.html"
     text = expl.to_html(page)
@@ -194,7 +177,7 @@ def test_explain_to_html_shows_fired_rewrites_saved_bytes_and_graphs_side_by_sid
 def test_dump_folder_renders_the_same_rewrites(tmp_path):
     """A dump written by a real torch.compile(..., backend="sparsify") run, read back into the page."""
     torch._dynamo.reset()
-    model = CatTrainable()
+    model = models.CatTrainable()
     compiled = torch.compile(model, backend="sparsify", options={"dump": str(tmp_path / "dump")})
     compiled(torch.randn(3, 5, 16)).sum().backward()
     report = report_html.graphs_from_dump(tmp_path / "dump")
