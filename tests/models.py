@@ -130,6 +130,21 @@ def albert(layers: int = 2, heads: int = 4, embedding: int = 32, hidden: int = 6
     return AlbertModel(cfg)
 
 
+def check_adapter_round_trip(served: nn.Module, adapter, inputs: tuple, expected: torch.Tensor,
+                             tol: float = 1e-5) -> None:
+    """Apply ``adapter`` to ``served``: its output (in fp32) is ``expected`` within ``tol`` relative error; remove
+    it: every ``state_dict`` entry of ``served`` is bit for bit what it was before."""
+    import sparsify_fx
+
+    before = {k: v.detach().clone() for k, v in served.state_dict().items()}
+    sparsify_fx.apply_adapter(served, adapter)
+    with torch.no_grad():
+        assert rel_err(output_tensor(served(*inputs)).float(), expected) <= tol
+    sparsify_fx.remove_adapter(served, adapter)
+    after = served.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 class CatTrainable(nn.Module):
     """S²FT written in plain PyTorch: trainable columns 8:12 of ``w2`` concatenated with its frozen rest (the
     partial training the ``"sparsify"`` backend's rewrites fire on)."""

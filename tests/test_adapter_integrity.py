@@ -189,13 +189,7 @@ def test_fingerprint_survives_save_and_load_and_a_version_1_adapter_still_applie
         {f: (e.dim, params[f], params[f].index_select(e.dim, e.index)) for f, e in adapter.entries.items()}
     )
     v1 = sparsify_fx.passes.adapter.Adapter(adapter.entries, legacy, adapter.config)
-    served = copy.deepcopy(base)
-    before = snapshot(served)
-    sparsify_fx.apply_adapter(served, v1)
-    with torch.no_grad():
-        assert rel_err(_out(served(IDS)), out) <= 1e-5
-    sparsify_fx.remove_adapter(served, v1)
-    assert same(served, before)
+    models.check_adapter_round_trip(copy.deepcopy(base), v1, (IDS,), out, tol=1e-5)
     with pytest.raises(sparsify_fx.AdapterError, match="different base"):
         sparsify_fx.apply_adapter(models.llama().eval(), v1)
 
@@ -231,10 +225,4 @@ def test_a_bfloat16_base_of_other_weights_is_named_a_dtype_mismatch(trained):
 
 def test_a_float64_base_of_the_same_weights_is_accepted_and_restored(trained):
     base, adapter, out = trained
-    served = copy.deepcopy(base).to(torch.float64)
-    before = snapshot(served)
-    sparsify_fx.apply_adapter(served, adapter)
-    with torch.no_grad():
-        assert rel_err(_out(served(IDS.clone())).float(), out) <= 1e-5
-    sparsify_fx.remove_adapter(served, adapter)
-    assert same(served, before)
+    models.check_adapter_round_trip(copy.deepcopy(base).to(torch.float64), adapter, (IDS.clone(),), out, tol=1e-5)
