@@ -91,13 +91,19 @@ def test_one_group_per_layer_and_expert(arch):
     assert all(g.expert is None and g.num_units == 48 for g in shared)
 
 
-def test_each_expert_permutes_on_its_own_float64(arch):
+def analysed_float64(arch):
+    """The arch's model in float64 (so a wrong permutation shows far above rounding), an input, its report, and its
+    logits with the experts run eagerly, as permutation tests compare them."""
     _, model = arch
     model = model.double()
     x = ids()
     report = sparsify_fx.analyze(model, (x,))
     eager_experts(model)
-    ref = logits(model, x)
+    return model, x, report, logits(model, x)
+
+
+def test_each_expert_permutes_on_its_own_float64(arch):
+    model, x, report, ref = analysed_float64(arch)
     gen = torch.Generator().manual_seed(1)
     for g in expert_groups(report):
         sparsify_fx.permute(model, g, torch.randperm(g.num_units, generator=gen))
@@ -108,12 +114,7 @@ def test_each_expert_permutes_on_its_own_float64(arch):
 def test_expert_permutations_differ_per_expert_and_a_wrong_one_breaks(arch):
     """The permutation really is per slice (experts differ), and the test can fail: moving only expert 1's
     gate/up rows without its down columns changes the output."""
-    _, model = arch
-    model = model.double()
-    x = ids()
-    report = sparsify_fx.analyze(model, (x,))
-    eager_experts(model)
-    ref = logits(model, x)
+    model, x, report, ref = analysed_float64(arch)
     g = next(g for g in expert_groups(report) if g.layer == 0 and g.expert == 1)
     before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     perm = torch.roll(torch.arange(g.num_units), 1)
