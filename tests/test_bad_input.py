@@ -60,6 +60,18 @@ def _assert_untouched(model: torch.nn.Module, before: dict) -> None:
     assert getattr(model, "_sparsify_s2ft", None) is None
 
 
+def _assert_refused(base: torch.nn.Module, match: str, run, poison: bool = False) -> None:
+    """``run`` on a copy of ``base`` (its o_proj weights made NaN first when ``poison``) raises the library's
+    ConfigError matching ``match`` and leaves the copy untouched."""
+    model = copy.deepcopy(base)
+    if poison:
+        _poison_o_proj(model)
+    before = _snapshot(model)
+    with pytest.raises(ConfigError, match=match):
+        run(model)
+    _assert_untouched(model, before)
+
+
 # ---------------------------------------------------------------------------------------------------- S2FTConfig
 S2FT_BAD = [
     ({"layers": 5}, r"layers must be a list of layer indices or None, got 5"),
@@ -91,11 +103,7 @@ S2FT_BAD = [
 
 @pytest.mark.parametrize("kwargs,match", S2FT_BAD, ids=[str(k) for k, _ in S2FT_BAD])
 def test_s2ft_config_refused_before_the_model_is_touched(base, kwargs, match):
-    model = copy.deepcopy(base)
-    before = _snapshot(model)
-    with pytest.raises(ConfigError, match=match):
-        s2ft(model, (IDS,), S2FTConfig(**kwargs))
-    _assert_untouched(model, before)
+    _assert_refused(base, match, lambda model: s2ft(model, (IDS,), S2FTConfig(**kwargs)))
 
 
 def test_s2ft_config_list_of_projections_is_a_tuple():
@@ -157,13 +165,9 @@ S2FT_NAN = [
 @pytest.mark.parametrize("kwargs,match", S2FT_NAN, ids=["gradient", "activation", "magnitude"])
 def test_s2ft_non_finite_scores_refused(base, kwargs, match):
     kwargs = dict(kwargs)
-    model = copy.deepcopy(base)
-    if kwargs.pop("_poison", False):
-        _poison_o_proj(model)
-    before = _snapshot(model)
-    with pytest.raises(ConfigError, match=match):
-        s2ft(model, (IDS,), S2FTConfig(attention_ratio=0.5, ffn_ratio=0.25, progress=False, **kwargs))
-    _assert_untouched(model, before)
+    poison = kwargs.pop("_poison", False)
+    cfg = {"attention_ratio": 0.5, "ffn_ratio": 0.25, "progress": False, **kwargs}
+    _assert_refused(base, match, lambda model: s2ft(model, (IDS,), S2FTConfig(**cfg)), poison)
 
 
 PRUNE_BAD = [
@@ -185,13 +189,9 @@ PRUNE_BAD = [
 @pytest.mark.parametrize("kwargs,match", PRUNE_BAD, ids=[str(sorted(k)) + str(i) for i, (k, _) in enumerate(PRUNE_BAD)])
 def test_prune_bad_input_refused(base, kwargs, match):
     kwargs = dict(kwargs)
-    model = copy.deepcopy(base)
-    if kwargs.pop("_poison", False):
-        _poison_o_proj(model)
-    before = _snapshot(model)
-    with pytest.raises(ConfigError, match=match):
-        prune(model, (IDS,), PruneConfig(progress=kwargs.pop("progress", False), **kwargs))
-    _assert_untouched(model, before)
+    poison = kwargs.pop("_poison", False)
+    cfg = {"progress": False, **kwargs}
+    _assert_refused(base, match, lambda model: prune(model, (IDS,), PruneConfig(**cfg)), poison)
 
 
 # ------------------------------------------------------------------------------------------------- NM / block
@@ -212,11 +212,7 @@ NM_BAD = [
 
 @pytest.mark.parametrize("config,match", NM_BAD, ids=[m[:24] for _, m in NM_BAD])
 def test_sparsify_sizes_bounded_before_allocation(base, config, match):
-    model = copy.deepcopy(base)
-    before = _snapshot(model)
-    with pytest.raises(ConfigError, match=match):
-        sparsify(model, config)
-    _assert_untouched(model, before)
+    _assert_refused(base, match, lambda model: sparsify(model, config))
 
 
 # ------------------------------------------------------------------------------------------------- sparse files
