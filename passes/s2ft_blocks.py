@@ -132,6 +132,7 @@ class S2FTBlocks(nn.Module):
         lengths: list[int],
         layout: str,
     ) -> None:
+        self._refuse(original, transposed, param_dim)
         if layout == "view" and not blocks_are_dense(weight, param_dim):
             # fused and foreach optimizers walk a parameter's memory linearly: a view block with gaps would have them
             # write the frozen values between its rows
@@ -158,6 +159,13 @@ class S2FTBlocks(nn.Module):
             blocks.append(nn.Parameter(view if layout == "view" else view.clone(), requires_grad=True))
         self.blocks = BlockList(blocks)
         object.__setattr__(self, "_original", original)
+        self._adopt(original)
+
+    def _refuse(self, original: nn.Module, transposed: bool, param_dim: int) -> None:
+        """Raise :class:`ConfigError` for a module this class cannot train, before anything is set (here: none)."""
+
+    def _adopt(self, original: nn.Module) -> None:
+        """Copy what the forward needs from ``original`` once the blocks exist (here: nothing)."""
 
     def block_slots(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
         """``(slice of weight.data, block)`` per block: where each block's values belong in the weight."""

@@ -233,23 +233,14 @@ class S2FTConv(S2FTBlocks):
         [(2, 4, 3, 3)]
     """
 
-    def __init__(
-        self,
-        original: nn.Module,
-        weight: nn.Parameter,
-        bias: torch.Tensor | None,
-        transposed: bool,
-        param_dim: int,
-        starts: list[int],
-        lengths: list[int],
-        layout: str,
-    ) -> None:
+    def _refuse(self, original: nn.Module, transposed: bool, param_dim: int) -> None:
         why = conv_trainable(original)
         if why is not None:
             raise ConfigError(f"S2FTConv: cannot train {type(original).__name__}: {why}; leave it out of the config.")
         if param_dim not in (0, 1) or transposed:
             raise ConfigError(f"S2FTConv trains output (dim 0) or input (dim 1) channels, got dim {param_dim}.")
-        super().__init__(original, weight, bias, False, param_dim, starts, lengths, layout)
+
+    def _adopt(self, original: nn.Module) -> None:
         self.stride, self.padding = tuple(original.stride), tuple(original.padding)
         self.dilation, self.groups = tuple(original.dilation), original.groups
 
