@@ -2,17 +2,18 @@
 
 :func:`attach_adapters` leaves the base weights as they are and hooks every adapted layer. The model's forward
 (and ``generate``) then takes ``adapter_names=[one name per batch row]``, ``"__base__"`` for a row without an
-adapter, as PEFT's mixed-adapter batches do. A forward pre-hook on the model groups the batch rows by adapter
-once per call (:class:`Segments`); each adapted layer runs its own GEMM once for the whole batch and a hook adds,
-per adapter present, that adapter's sparse delta on its rows only (:func:`sparse_delta`):
+adapter, as PEFT's mixed-adapter batches do. A forward pre-hook on the model takes the row -> adapter names once
+per call; each adapted layer runs its own GEMM once for the whole batch and a hook adds every row's own adapter
+delta in a fixed handful of ops (the rows' slot map is built once per batch and stack layout):
 
 * selected output features (a Linear's rows, a GPT-2 ``Conv1D``'s columns): ``y[rows][..., sel] += x[rows] @ D``;
 * selected input features (a Linear's columns, a ``Conv1D``'s rows): ``y[rows] += x[rows][..., sel] @ D``.
 
-``D`` is the adapter's own delta tensor (a transposed view where the layout asks for it), so serving an adapter
-costs its compact size and never a copy of a weight. Adapters come and go while serving
-(:func:`add_served_adapter`, :func:`remove_served_adapter`); :func:`detach_adapters` gives the plain model back
-bit for bit. Every change goes through a :class:`~sparsify_fx.passes.surgery.Journal`, so a failed call leaves
+``D`` is the adapter's delta. Each layer keeps its adapters' deltas stacked per placement (one tensor with a zero
+slot for rows without an adapter there), built when an adapter comes or goes, never per call: serving an adapter
+costs its compact size twice (its own tensors and the stack), never a copy of a weight. Adapters come and go while
+serving (:func:`add_served_adapter`, :func:`remove_served_adapter`); :func:`detach_adapters` gives the plain model
+back bit for bit. Every change goes through a :class:`~sparsify_fx.passes.surgery.Journal`, so a failed call leaves
 the model as it was.
 
 :func:`combine` fuses adapters of one base into one (weighted sum of the deltas, union of the indices).
@@ -32,7 +33,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,82 +130,126 @@ class Segments:
 
 
 # ---------------------------------------------------------------------- the per-layer delta
-# An adapter group of at least this many adapters (same placement, width, dtype) is served by one bmm (each row
-# with its adapter's delta, BGMV-style) instead of one mm per adapter. Measured on the serving benchmark's shapes
-# (Llama h512 up/down, 41 units, batch 16 x 128, 2 CPU threads): one bmm is 5-15x faster at 4 and 16 adapters, and
-# no faster for a single adapter (it copies the delta per row); decode rows (16 x 1) measured too noisy to rank.
-_BATCHED_MIN = 2
+# Every path adds deltas the same way: the adapters of one placement on a layer are stacked into one tensor with a
+# zero slot at the end, and a fixed handful of ATen ops serves every row with its own adapter's delta (rows without
+# an adapter here take the zero slot), whatever the adapter count. Measured per layer on the serving benchmark's
+# shapes (Llama h512 up/down, 41 units, 16 rows, 16 adapters, stacks cold as in a forward, 1 / 2 CPU threads):
+# - prefill (16 x 128): one bmm with each row's delta (BGMV-style: index_select the rows' deltas, bmm, scatter_add_
+#   or gather + baddbmm_) took 0.6-1.0 ms against 0.9-6.5 ms for an mm per adapter group;
+# - decode (<= _BAG_MAX_TOKENS tokens a row): the delta is a few hundred KB read once per row, and copying each
+#   row's delta for the bmm doubles the bytes; embedding_bag reads it in place (a bag per token over the stack's
+#   rows, weighted by the input): 0.057 / 0.040 ms against the bmm's 0.071 / 0.090 ms at 16 adapters, 0.024 vs
+#   0.048 ms at one; at 16 tokens the two tie and the bmm wins from there.
+# The served model keeps its stacks between calls (:class:`_State`); the per-call ops stack on the fly.
+_BAG_MAX_TOKENS = 8
 
 
-def _segment_delta(xb: Tensor, yb: Tensor, r: Tensor, placement: Placement, idx: Tensor, d: Tensor) -> None:
-    """One adapter on its rows ``r`` (grouped, SGMV-style): its delta read once, one mm over its tokens."""
-    n, tokens = r.numel(), xb.shape[1]
-    xa = xb.index_select(0, r)  # [n, T, in]: this adapter's rows only
-    if placement is Placement.INPUT:
-        xa = xa.index_select(2, idx)  # [n, T, k]: its input features only
-    c = torch.mm(xa.reshape(n * tokens, -1).to(d.dtype), d).to(yb.dtype)
-    if placement is Placement.INPUT:
-        yb.index_add_(0, r, c.view(n, tokens, -1))
-    else:
-        # indices broadcast to [n, T, k]: rows x every token x the selected output features (faster than a
-        # flattened index_add_ for these sizes, measured)
-        t = torch.arange(tokens, device=yb.device)
-        yb.index_put_((r[:, None, None], t[None, :, None], idx[None, None, :]), c.view(n, tokens, -1),
-                      accumulate=True)
+@dataclass(frozen=True)
+class _Stack:
+    """The deltas of several adapters on one layer and placement, stacked once for every row of a batch.
+
+    Slot ``a < len(names)`` holds adapter ``names[a]``; the last slot is zeros. Adapters narrower than the widest
+    are padded with zero deltas at feature 0 (they add +0).
+
+    Args:
+        placement: whether ``index`` selects output or input features.
+        names: the adapters in slot order.
+        index: long ``[A + 1, k]``.
+        matrix: ``[A + 1, in, k]`` (OUTPUT) or ``[A + 1, k, out]`` (INPUT): :class:`ServedDelta`'s layouts.
+    """
+
+    placement: Placement
+    names: tuple[str, ...]
+    index: Tensor
+    matrix: Tensor
+
+    @staticmethod
+    def build(placement: Placement, names: Sequence[str], index: Sequence[Tensor],
+              matrix: Sequence[Tensor]) -> _Stack:
+        """Stack ``matrix[i]`` (a :class:`ServedDelta`'s ``[in, n]`` / ``[n, out]``) and ``index[i]``: one copy."""
+        width = max(i.numel() for i in index)
+        dtype = functools.reduce(torch.promote_types, [d.dtype for d in matrix])
+        shape = (matrix[0].shape[0], width) if placement is Placement.OUTPUT else (width, matrix[0].shape[1])
+        device = matrix[0].device
+        stacked = torch.zeros(len(matrix) + 1, *shape, dtype=dtype, device=device)
+        stacked_index = torch.zeros(len(matrix) + 1, width, dtype=torch.long, device=device)
+        for a, (idx, d) in enumerate(zip(index, matrix)):
+            if placement is Placement.OUTPUT:
+                stacked[a, :, : idx.numel()] = d
+            else:
+                stacked[a, : idx.numel()] = d
+            stacked_index[a, : idx.numel()] = idx
+        return _Stack(placement, tuple(names), stacked_index, stacked)
 
 
-def _batched_delta(xb: Tensor, yb: Tensor, rows: Sequence[Tensor], placement: Placement, index: Sequence[Tensor],
-                   matrix: Sequence[Tensor]) -> None:
-    """Several adapters of one placement and width in one bmm over the whole batch: row ``b`` multiplies by its own
-    adapter's delta (rows without one by zeros). A fixed handful of ops per layer whatever the adapter count, where
-    the per-adapter loop costs four small ops per adapter; no host sync (the row -> adapter map stays on device)."""
+def _bags(slot: Tensor, tokens: int, size: int, cache: dict | None, key: Any) -> Tensor:
+    """embedding_bag indices: token ``t`` of row ``b`` sums the ``size`` consecutive rows of slot ``slot[b]``."""
+    if cache is not None and key in cache:
+        return cache[key]
+    first = slot.repeat_interleave(tokens) if tokens > 1 else slot
+    bags = first[:, None] * size + torch.arange(size, device=slot.device)
+    if cache is not None:
+        cache[key] = bags
+    return bags
+
+
+def _stack_delta(xb: Tensor, yb: Tensor, stack: _Stack, slot: Tensor, cache: dict | None = None) -> None:
+    """Add to ``yb`` ``[batch, T, out]`` (contiguous, written in place) each row's delta: row ``b`` uses
+    ``stack``'s slot ``slot[b]``. ``xb`` is the layer's input as ``[batch, T, in]``. ``cache`` keeps the batch's
+    embedding_bag indices for the next layer of the same stack layout (one dict per batch)."""
     batch, tokens = xb.shape[:2]
-    counts = [r.numel() for r in rows]
-    mats, idxs = list(matrix), list(index)
-    served = sum(counts)
-    if served < batch:  # base rows: a zero delta (at any valid index) adds nothing
-        mats.append(torch.zeros_like(matrix[0]))
-        idxs.append(index[0])
-    device = xb.device
-    slot = torch.full((batch,), len(matrix), dtype=torch.long, device=device)
-    slot.index_put_((torch.cat(list(rows)),), torch.arange(len(rows), device=device).repeat_interleave(
-        torch.tensor(counts, device=device), output_size=served))
-    d_rows = torch.stack(mats).index_select(0, slot)  # [batch, in, k] (OUTPUT) or [batch, k, out] (INPUT)
-    ix = torch.stack(idxs).index_select(0, slot)[:, None, :].expand(batch, tokens, -1)  # [batch, T, k]
-    if placement is Placement.INPUT:
-        yb.add_(torch.bmm(torch.gather(xb, 2, ix).to(d_rows.dtype), d_rows).to(yb.dtype))
+    if tokens == 0:
+        return
+    m = stack.matrix
+    ix = stack.index.index_select(0, slot)[:, None, :].expand(batch, tokens, -1)  # [batch, T, k]
+    output = stack.placement is Placement.OUTPUT
+    if tokens <= _BAG_MAX_TOKENS:  # decode: each row's delta read in place
+        size = m.shape[1]
+        bags = _bags(slot, tokens, size, cache, (stack.names, stack.placement, size, tokens, slot.device))
+        if output:  # c[b, t] = sum_i x[b, t, i] * m[slot[b], i]
+            c = torch.nn.functional.embedding_bag(bags, m.view(-1, m.shape[2]), mode="sum",
+                                                  per_sample_weights=xb.reshape(-1, size).to(m.dtype))
+            yb.scatter_add_(2, ix, c.view(batch, tokens, -1).to(yb.dtype))
+        else:  # y[b, t] += sum_j x[b, t, index[j]] * m[slot[b], j]
+            w = torch.gather(xb, 2, ix).reshape(-1, size).to(m.dtype)
+            c = torch.nn.functional.embedding_bag(bags, m.view(-1, m.shape[2]), mode="sum", per_sample_weights=w)
+            yb.add_(c.view(batch, tokens, -1).to(yb.dtype))
+        return
+    d = m.index_select(0, slot)  # [batch, in, k] / [batch, k, out]: each row's own delta
+    if output:
+        yb.scatter_add_(2, ix, torch.bmm(xb.to(d.dtype), d).to(yb.dtype))
+    elif d.dtype == yb.dtype:
+        yb.baddbmm_(torch.gather(xb, 2, ix).to(d.dtype), d)
     else:
-        yb.scatter_add_(2, ix, torch.bmm(xb.to(d_rows.dtype), d_rows).to(yb.dtype))
+        yb.add_(torch.bmm(torch.gather(xb, 2, ix).to(d.dtype), d).to(yb.dtype))
 
 
 def _sparse_delta_into(x: Tensor, y: Tensor, rows: Sequence[Tensor], placements: Sequence[Placement],
                        index: Sequence[Tensor], matrix: Sequence[Tensor]) -> Tensor:
-    """Add every adapter's delta into ``y`` in place (``y`` must be contiguous): the ATen path, shared by the eager
-    hooks, ``sparsify::sparse_delta`` and ``sparsify::served_linear``.
-
-    Adapters whose deltas have one placement, width and dtype form a group; a group of ``_BATCHED_MIN`` or more
-    adapters costs one bmm (:func:`_batched_delta`), a smaller one an mm per adapter (:func:`_segment_delta`)."""
+    """Add every adapter's delta into ``y`` in place (``y`` must be contiguous): the per-call ATen path of
+    ``sparse_delta``, ``sparsify::sparse_delta`` and ``sparsify::served_linear``. Stacks the adapters of each
+    placement for this call (the served model's hooks keep theirs) and runs :func:`_stack_delta` once per placement."""
     batch = x.shape[0]
     xb = x.reshape(batch, -1, x.shape[-1])
     yb = y.view(batch, -1, y.shape[-1])
-    groups: dict[tuple, list[int]] = {}
-    for i, (r, placement, idx, d) in enumerate(zip(rows, placements, index, matrix)):
-        if r.numel():
-            groups.setdefault((placement, tuple(d.shape), d.dtype, idx.numel()), []).append(i)
-    for (placement, *_), members in groups.items():
-        if len(members) >= _BATCHED_MIN and xb.shape[1] > 0:
-            _batched_delta(xb, yb, [rows[i] for i in members], placement, [index[i] for i in members],
-                           [matrix[i] for i in members])
-        else:
-            for i in members:
-                _segment_delta(xb, yb, rows[i], placement, index[i], matrix[i])
+    for placement in Placement:
+        members = [i for i, p in enumerate(placements) if p is placement and rows[i].numel()]
+        if not members:
+            continue
+        stack = _Stack.build(placement, [str(i) for i in members], [index[i] for i in members],
+                             [matrix[i] for i in members])
+        slot = torch.full((batch,), len(members), dtype=torch.long, device=y.device)
+        for a, i in enumerate(members):
+            slot[rows[i].to(y.device)] = a
+        _stack_delta(xb, yb, stack, slot)
     return y
 
 
 def sparse_delta(x: Tensor, y: Tensor, segments: Segments, adapters: Mapping[str, ServedDelta]) -> Tensor:
     """Add to a layer's output ``y`` the delta of every adapter in ``adapters`` on that adapter's rows of the batch.
 
-    The eager serving path: ``y`` (the layer's fresh output) is written in place and returned (a contiguous copy
+    The per-call form of what the serving hooks add (they keep their stacks between calls; this stacks
+    ``adapters`` for the call): ``y`` (the layer's fresh output) is written in place and returned (a contiguous copy
     first if it is not contiguous). ``torch.ops.sparsify.sparse_delta`` is the same computation as a functional
     custom op (fake kernel, opcheck-tested) for graph capture and for a fused kernel to stand in for later.
 
@@ -316,13 +361,41 @@ class _Served:
     layers: dict[str, ServedDelta]  # module name -> its delta there
 
 
+class _Batch:
+    """The batch being run: one adapter name per row, and each stack layout's row -> slot map, built by the first
+    layer that needs it and shared by every layer with the same layout (usually all of them)."""
+
+    __slots__ = ("bags", "names", "present", "slots")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.present = frozenset(names) - {BASE}
+        self.slots: dict[tuple[tuple[str, ...], torch.device], Tensor | None] = {}
+        self.bags: dict[Any, Tensor] = {}  # _stack_delta's embedding_bag indices, per stack layout
+
+    def slot(self, stack: _Stack) -> Tensor | None:
+        """Row ``b``'s slot in ``stack`` (its zero slot where the row's adapter is not in it); None when no row's
+        adapter is in it."""
+        key = (stack.names, stack.index.device)
+        if key not in self.slots:
+            position = {name: a for a, name in enumerate(stack.names)}
+            zero = len(stack.names)
+            slot = [position.get(name, zero) for name in self.names]
+            self.slots[key] = (torch.tensor(slot, dtype=torch.long, device=stack.index.device)
+                               if any(a != zero for a in slot) else None)
+        return self.slots[key]
+
+
 @dataclass
 class _State:
     adapters: dict[str, _Served] = field(default_factory=dict)
     layers: dict[str, dict[str, ServedDelta]] = field(default_factory=dict)  # module -> adapter -> delta
+    # module -> its adapters' deltas stacked per placement, rebuilt when an adapter on it comes or goes: a second
+    # copy of the compact adapters (padded to the widest per layer), so no call re-stacks them
+    stacks: dict[str, tuple[_Stack, ...]] = field(default_factory=dict)
     layer_hooks: dict[str, int] = field(default_factory=dict)  # module -> id of its forward hook
     model_hooks: list[int] = field(default_factory=list)  # the model's pre-hook and clearing hook
-    current: Segments | None = None  # the batch being run
+    current: _Batch | None = None  # the batch being run
     generating: list[str] | None = None  # adapter_names of the generate() call in progress
 
 
@@ -389,8 +462,8 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
         return args, kwargs
     batch = _batch_size(args, kwargs)
     names = _check_names(state, names, batch, expand=generating)
-    device = next((t.device for t in [*args, *kwargs.values()] if isinstance(t, Tensor)), None)
-    state.current = Segments.group(names, device)
+    batch_names = _Batch(names)
+    state.current = batch_names if batch_names.present else None  # all "__base__": the base, bit for bit
     return args, kwargs
 
 
@@ -401,16 +474,24 @@ def _clear_hook(model: nn.Module, args: tuple, output: Any) -> None:
 
 
 def _layer_hook(state: _State, name: str, module: nn.Module, args: tuple, output: Any) -> Any:
-    segments = state.current
-    if segments is None or not segments.bounds or not isinstance(output, Tensor):
+    batch = state.current
+    if batch is None or not isinstance(output, Tensor):
         return None
     x = args[0]
-    if x.shape[0] != segments.batch:
+    if x.shape[0] != len(batch.names):
         raise AdapterError(
-            f"layer {name!r} got an input of batch size {x.shape[0]}, but {_KWARG} has {segments.batch} rows: this "
-            "model reshapes the batch before the layer (e.g. flattens batch and tokens), so its rows cannot be "
+            f"layer {name!r} got an input of batch size {x.shape[0]}, but {_KWARG} has {len(batch.names)} rows: "
+            "this model reshapes the batch before the layer (e.g. flattens batch and tokens), so its rows cannot be "
             "matched to adapters; serve it one adapter per batch with apply_adapter instead.")
-    y = sparse_delta(x, output, segments, state.layers[name])
+    y = output
+    for stack in state.stacks[name]:
+        slot = batch.slot(stack)
+        if slot is None:
+            continue
+        if y is output and not y.is_contiguous():
+            y = y.contiguous()
+        _stack_delta(x.reshape(x.shape[0], -1, x.shape[-1]), y.view(y.shape[0], -1, y.shape[-1]), stack, slot,
+                     batch.bags)
     return y if y is not output else None
 
 
@@ -569,6 +650,24 @@ def _drop(j: Journal, model: nn.Module, state: _State, name: str) -> None:
     _del_item(j, state.adapters, name)
 
 
+def _restack(j: Journal, state: _State, module_names: Iterable[str]) -> None:
+    """Rebuild the stacks of ``module_names`` from the adapters they serve now (once per attach/remove call, not per
+    adapter); a layer that serves none loses its stacks."""
+    for module_name in dict.fromkeys(module_names):
+        deltas = state.layers.get(module_name)
+        if not deltas:
+            if module_name in state.stacks:
+                _del_item(j, state.stacks, module_name)
+            continue
+        stacks = []
+        for placement in Placement:
+            members = [(n, d) for n, d in deltas.items() if d.placement is placement]
+            if members:
+                stacks.append(_Stack.build(placement, [n for n, _ in members], [d.index for _, d in members],
+                                           [d.matrix for _, d in members]))
+        _set_item(j, state.stacks, module_name, tuple(stacks))
+
+
 # ---------------------------------------------------------------------- public API
 def attach_adapters(model: nn.Module, adapters: Mapping[str, Adapter]) -> nn.Module:
     """Serve ``adapters`` on ``model`` at once: its forward and ``generate`` take ``adapter_names``, one per row.
@@ -576,7 +675,8 @@ def attach_adapters(model: nn.Module, adapters: Mapping[str, Adapter]) -> nn.Mod
     The weights are not touched (bit-identical); each adapted Linear/Conv1D gets a forward hook that adds, per
     adapter present in the batch, its sparse delta on its rows only, after the layer's one GEMM over the whole
     batch. Without ``adapter_names`` the model is the base. Rows named ``"__base__"`` get no delta. The model keeps
-    each adapter's own delta tensors (cast only if the base's device or dtype differ): memory grows by the compact
+    each adapter's own delta tensors (cast only if the base's device or dtype differ) and one stacked copy of them
+    per layer (padded to the layer's widest adapter), so no call re-stacks them: memory grows by twice the compact
     adapters, never by a weight. Calling it on a model already serving adds to what it serves.
 
     Every adapter is checked against the model first (the fingerprint check of :func:`apply_adapter`, names free);
@@ -608,6 +708,7 @@ def attach_adapters(model: nn.Module, adapters: Mapping[str, Adapter]) -> nn.Mod
             state = _install(j, model)
         for name, served in plans.items():
             _add(j, model, state, name, served)
+        _restack(j, state, [m for served in plans.values() for m in served.layers])
     return wrapper
 
 
@@ -643,7 +744,9 @@ def remove_served_adapter(model: nn.Module, name: str) -> nn.Module:
     if state is None or name not in state.adapters:
         raise AdapterError(f"this model serves no adapter named {name!r}; it serves {list(served_adapters(model))}.")
     with Journal(model) as j:
+        layers = list(state.adapters[name].layers)
         _drop(j, model, state, name)
+        _restack(j, state, layers)
     return wrapper
 
 
@@ -665,8 +768,10 @@ def detach_adapters(model: nn.Module) -> nn.Module:
     if state is None:
         raise AdapterError("this model serves no adapters (attach_adapters was not called on it).")
     with Journal(model) as j:
+        layers = list(state.layers)
         for name in list(state.adapters):
             _drop(j, model, state, name)
+        _restack(j, state, layers)
         for hook_id in state.model_hooks:
             _unhook(j, model, hook_id)
         if "generate" in model.__dict__:  # the class's generate shows again
