@@ -236,7 +236,7 @@ UNARY = _packets(
 SOFTMAX = _packets("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
 
 
-@register(*UNARY, *SOFTMAX)
+@register(*UNARY)
 def _unary(ctx: RuleContext) -> Value:
     tensors = ctx.tensor_args()
     if len(tensors) != 1:  # e.g. type_as(Tensor, Tensor), fill(Tensor, Tensor): broadcasting
@@ -246,6 +246,14 @@ def _unary(ctx: RuleContext) -> Value:
         # object tags survive unions: lets passes tell a gate projection from an up projection
         ctx.table.tag(x[-1], "act")
     return list(x)  # type: ignore[arg-type]
+
+
+@register(*SOFTMAX)
+def _softmax(ctx: RuleContext) -> Value:
+    x = ctx.dims(ctx.tensor_args()[0])
+    if x:  # its denominator reads the whole dim (see _mark_read_whole)
+        _mark_read_whole(ctx, [x[_dim_arg(ctx, len(x))]])
+    return _unary(ctx)
 
 
 BINARY = _packets(
@@ -387,6 +395,15 @@ def _no_tensor(ctx: RuleContext) -> Value:
 
 
 # ---------------------------------------------------------------------- reductions
+def _mark_read_whole(ctx: RuleContext, dims: Sequence[Dim]) -> None:
+    """A reduction (sum, mean, var, amax, softmax, ...) reads every unit of ``dims`` at once: permuting them is
+    exact, removing units is not the same as zeroing their consumers' columns (the mean's count, the softmax's
+    denominator, a q/k norm over all heads still see the removed units), so pruning must treat these spaces like
+    the normalised hidden stream. Reductions over batch or sequence dims mark atoms no group is made of."""
+    for d in dims:
+        ctx.table.mark(d, "normalized")
+
+
 @register(
     *_packets(
         "sum",
@@ -411,6 +428,7 @@ def _reduction(ctx: RuleContext) -> Value:
     # Reductions are invariant under permutations of the reduced dims.
     x = ctx.dims(ctx.tensor_args()[0]) or []
     reduced = _dims_acted_on(ctx, len(x))
+    _mark_read_whole(ctx, [x[i] for i in reduced if i < len(x)])
     keep = bool(ctx.arg("keepdim", False))
     out = []
     for i, d in enumerate(x):
@@ -549,25 +567,38 @@ def _bmm_core(ctx: RuleContext, a: Any, b: Any) -> list[Dim]:
         d = da or db
         batch.append(d if d is not None else ctx.table.fresh_dim(1))
     if not ctx.is_state(a) and not ctx.is_state(b) and batch:
-        # a batched product of two activations (attention scores, attention @ V): batch dims are heads, and
-        # the rest are positions or dims within a head (q·kᵀ contracts the head dim, attn @ v yields it)
-        t = ctx.table
-        for d in batch:
-            t.mark(d, "bmm_batch")
-        if t.has_mark(ad[-1], "attn_key"):
-            # probs @ v contracts the key positions of an earlier q·kᵀ: b is the values
-            for d in bb:
-                t.tag(d, "v")
-        else:
-            # q·kᵀ: name the operands' heads as SDPA does, so passes can tell q, k and v projections apart
-            for d in ab:
-                t.tag(d, "q")
-            for d in bb:
-                t.tag(d, "k")
-            t.mark(bd[-1], "attn_key")
-        for d in (ad[-2], ad[-1], bd[-1]):
-            t.mark(d, "head_dim")
+        _mark_attention_product(ctx, batch, ab, bb, [ad[-2]], [ad[-1]], [bd[-1]])
     return batch + [ad[-2], bd[-1]]
+
+
+def _mark_attention_product(
+    ctx: RuleContext,
+    batch: Sequence[Dim],
+    a_batch: Sequence[Dim],
+    b_batch: Sequence[Dim],
+    a_free: Sequence[Dim],
+    contracted: Sequence[Dim],
+    b_free: Sequence[Dim],
+) -> None:
+    """A batched product of two activations (attention scores, attention @ V, as bmm or einsum): batch dims are
+    heads, and the rest are positions or dims within a head (q·kᵀ contracts the head dim, attn @ v yields it)."""
+    t = ctx.table
+    for d in batch:
+        t.mark(d, "bmm_batch")
+    if any(t.has_mark(d, "attn_key") for d in contracted):
+        # probs @ v contracts the key positions of an earlier q·kᵀ: b is the values
+        for d in b_batch:
+            t.tag(d, "v")
+    else:
+        # q·kᵀ: name the operands' heads as SDPA does, so passes can tell q, k and v projections apart
+        for d in a_batch:
+            t.tag(d, "q")
+        for d in b_batch:
+            t.tag(d, "k")
+        for d in b_free:
+            t.mark(d, "attn_key")
+    for d in (*a_free, *contracted, *b_free):
+        t.mark(d, "head_dim")
 
 
 @register(aten.bmm)
@@ -610,15 +641,29 @@ def _einsum(ctx: RuleContext) -> Value:
         return ctx.fresh_like_output("einsum with ellipsis or implicit output")
     lhs, rhs = eq.replace(" ", "").split("->")
     letters: dict[str, Dim] = {}
+    used: list[dict[str, Dim]] = []  # per operand: its letters of size > 1
     for spec, x in zip(lhs.split(","), operands):
         dims, shape = ctx.dims(x) or [], ctx.shape_of(x)
+        used.append({})
         for ch, d, s in zip(spec, dims, shape):
             if s == 1:
                 continue
+            used[-1][ch] = d
             if ch in letters:
                 ctx.unify(letters[ch], d)
             else:
                 letters[ch] = d
+    if len(used) == 2 and not any(ctx.is_state(x) for x in operands):
+        # two activations multiplied with shared output letters is bmm spelled as einsum (CvT's
+        # "bhlk,bhtk->bhlt" scores, "bhlt,bhtv->bhlv" mixing): the shared output letters are its heads
+        a, b = used
+        batch = [ch for ch in a if ch in b and ch in rhs]
+        if batch:
+            _mark_attention_product(
+                ctx, [letters[ch] for ch in batch], [a[ch] for ch in batch], [b[ch] for ch in batch],
+                [d for ch, d in a.items() if ch not in b], [d for ch, d in a.items() if ch in b and ch not in rhs],
+                [d for ch, d in b.items() if ch not in a],
+            )
     return [letters[ch] if ch in letters else ctx.table.fresh_dim(1) for ch in rhs]
 
 
@@ -659,8 +704,13 @@ def _conv_core(ctx: RuleContext, transposed: bool) -> Value:
             ctx.unify(cout_w, cout)
     if b is not None and ctx.dims(b):
         ctx.unify(ctx.dims(b)[0], cout)
-    for d in (xd[1], cout, cin_w, cout_w):
-        t.mark(d, "conv")
+    # a depthwise conv (one input channel per group, one output per group) is channel-wise like a norm's
+    # affine: the channels of the projections around it (a Mix-FFN's fc1 rows and fc2 columns) pass through
+    # it and keep their kind; only a conv that mixes channels makes a space conv channels
+    depthwise = groups > 1 and groups == t.size(xd[1]) == out_shape[1]
+    if not depthwise:
+        for d in (xd[1], cout, cin_w, cout_w):
+            t.mark(d, "conv")
     spatial = ctx.fresh(out_shape[2:], "convolution output positions")
     t.pin_dims(xd[2:], "convolution input positions")
     return [xd[0], cout, *spatial]
@@ -1195,8 +1245,6 @@ def _getitem(ctx: RuleContext) -> Value:
         "scatter",
         "scatter_add",
         "index_put",
-        "index_add",
-        "index_copy",
         "masked_scatter",
         "scatter_reduce",
         "index_fill",
@@ -1205,6 +1253,25 @@ def _getitem(ctx: RuleContext) -> Value:
 def _scatter(ctx: RuleContext) -> Value:
     ctx.pin_inputs(f"{ctx.op_name()} writes at data-dependent positions")
     return ctx.fresh_like_output(f"{ctx.op_name()} writes at data-dependent positions")
+
+
+@register(*_packets("index_add", "index_copy"))
+def _index_add(ctx: RuleContext) -> Value:
+    """``out = self; out.index_add_(dim, index, source)``: source slice ``i`` along ``dim`` lands at row
+    ``index[i]``. Only ``dim`` is routed by data (routed MoE experts write their token rows back this way); every
+    other dim of ``source`` is the same dim of ``self`` element for element, so its channels stay free."""
+    x, src, index = ctx.arg("self"), ctx.arg("source"), ctx.arg("index")
+    xd, sd = list(ctx.dims(x) or []), ctx.dims(src) or []
+    reason = f"{ctx.op_name()} writes at data-dependent positions"
+    if not xd or len(sd) != len(xd):  # a 0-d self, or a source broadcast by the op: nothing to line up
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    i = _dim_arg(ctx, len(xd))
+    ctx.table.pin_dims([xd[i], sd[i], *(ctx.dims(index) or [])], reason)
+    for j in range(len(xd)):
+        if j != i:
+            ctx.unify(xd[j], sd[j])
+    return xd
 
 
 # ---------------------------------------------------------------------- ops the transformers catalog met
@@ -1340,6 +1407,79 @@ def _col2im(ctx: RuleContext) -> Value:
     ctx.unify(xd[-2], (c, ctx.table.fresh(kh * kw, "col2im kernel positions")))
     ctx.table.pin(xd[-1], "col2im sliding positions")
     return [*xd[:-2], (c,), *ctx.fresh(out_shape[-2:], "col2im output positions")]
+
+
+# ------------------------------------------------------------------ complex views, gates, norms (catalog text models)
+@register(*_packets("view_as_complex", "view_as_complex_copy"))
+def _view_as_complex(ctx: RuleContext) -> Value:
+    """``[..., n, 2]`` real -> ``[..., n]`` complex (Llama 4's RoPE): the trailing pair is one complex unit's
+    real and imaginary parts, consumed by the view. Swapping them is not a symmetry (it conjugates and
+    rotates), so that dim is pinned; every other dim, ``n`` included, passes unchanged."""
+    xd = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    if xd:
+        ctx.table.pin(xd[-1], "real and imaginary parts of a complex view")
+    return xd[:-1]
+
+
+@register(*_packets("view_as_real", "view_as_real_copy"))
+def _view_as_real(ctx: RuleContext) -> Value:
+    """``[..., n]`` complex -> ``[..., n, 2]`` real: each complex unit becomes its (real, imaginary) pair,
+    minor to it, so a later flatten makes the real dim ``n ⊗ 2``; the pair itself is pinned."""
+    xd = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    return xd + [ctx.table.fresh_dim(2, "real and imaginary parts of a complex view")]
+
+
+# real/imag/angle read each complex element on its own; polar/complex build each from two aligned reals
+register(*_packets("real", "imag", "angle", "conj", "conj_physical", "resolve_conj", "resolve_neg"))(_unary)
+register(*_packets("polar", "complex"))(_broadcast)
+
+
+@register(*_packets("glu"))
+def _glu(ctx: RuleContext) -> Value:
+    """``glu(x, dim) = a * sigmoid(b)`` with ``a, b`` the halves of ``dim``: unit ``i`` of the output reads unit
+    ``i`` of both halves, so the halves are two parts of one space that must move together, as an FFN's gate
+    and up rows do; the output carries that space."""
+    x = ctx.arg("self")
+    d = list(ctx.dims(x) or [])
+    i = _norm_dim(ctx.arg("dim", -1), len(d))
+    n = ctx.shape_of(x)[i]
+    half = ctx.out_shape()[i]
+    if not isinstance(n, int):
+        ctx.table.pin(d[i], "glu over a symbolic size")
+        d[i] = ctx.table.fresh_dim(half, "glu over a symbolic size")
+        return d
+    a = ctx.table.slice(d[i], 0, half, "glu halves cut inside a unit")
+    b = ctx.table.slice(d[i], half, half, "glu halves cut inside a unit")
+    ctx.unify(a, b)
+    ctx.table.tag(b, "act")  # the sigmoid side, as an activation tags a gate projection
+    d[i] = a
+    return d
+
+
+# matrix and vector norms are invariant under permutations of the dims they reduce, as sum is
+register(*_packets("linalg_norm", "linalg_matrix_norm", "frobenius_norm", "nuclear_norm"))(_reduction)
+
+
+@register(*_packets("one_hot"))
+def _one_hot(ctx: RuleContext) -> Value:
+    """``one_hot(ids, C)``: the ids' dims pass, the new class dim is named by the ids' values (data), so it is
+    pinned as an embedding's rows are."""
+    xd = list(ctx.dims(ctx.tensor_args()[0]) or [])
+    return xd + [ctx.table.fresh_dim(ctx.out_shape()[-1], "one_hot classes are selected by data")]
+
+
+@register(*_packets("outer", "ger"))
+def _outer(ctx: RuleContext) -> Value:
+    # out[i, j] = a[i] * b[j]: each operand's dim passes to its own output dim (RoPE's positions ⊗ inv_freq)
+    a, b = ctx.arg("self"), ctx.arg("vec2")
+    ad, bd = ctx.dims(a) or ctx.fresh(ctx.out_shape()[:1]), ctx.dims(b) or ctx.fresh(ctx.out_shape()[1:])
+    return [ad[0], bd[0]]
+
+
+@register(*_packets("item", "_local_scalar_dense"))
+def _item(ctx: RuleContext) -> Value:
+    # a Python scalar from a one-element tensor: no dim to carry
+    return None
 
 
 # ---------------------------------------------------------------------- aliases

@@ -304,9 +304,25 @@ class SpaceTable:
         return [a for x in d for a in self.expand(x) if a.size != 1]
 
     def _opaque_reshape(self, dims: Sequence[Dim], out_sizes: Sequence[Size]) -> list[Dim]:
+        """A reshape whose middle does not factor (XLNet's ``[b, n, i, j] -> [b, n, j, i]`` relative shift,
+        Funnel's ``[b, n, t, 2t] -> [b, n, 2t, t]``). Row-major, a leading dim of the same size on both sides
+        is indexed alike (its stride is the product of everything after it, equal on both sides), and so is
+        a trailing one: those pass, only the dims between them are pinned."""
         reason = "reshape does not factor its dimensions"
-        self.pin_dims(dims, reason)
-        return [self.fresh_dim(s, reason) for s in out_sizes]
+        in_sizes = [self.size(d) for d in dims]
+        lead = 0
+        while lead < min(len(dims), len(out_sizes)) and in_sizes[lead] == out_sizes[lead]:
+            lead += 1
+        trail = 0
+        while (
+            trail < min(len(dims), len(out_sizes)) - lead
+            and in_sizes[len(dims) - 1 - trail] == out_sizes[len(out_sizes) - 1 - trail]
+        ):
+            trail += 1
+        mid_in, mid_out = dims[lead : len(dims) - trail], out_sizes[lead : len(out_sizes) - trail]
+        self.pin_dims(mid_in, reason)
+        middle = [self.fresh_dim(s, reason) for s in mid_out]
+        return [*dims[:lead], *middle, *dims[len(dims) - trail :]]
 
     # ------------------------------------------------------------------ sum structure
     def slice(self, d: Dim, start: int, length: int, reason: str) -> Dim:
