@@ -632,10 +632,40 @@ def _matmul(ctx: RuleContext) -> Value:
     return _bmm_core(ctx, a, b)
 
 
+def _einsum_without_ellipsis(eq: str, ranks: Sequence[int]) -> str:
+    """The equation with each ``...`` spelled as letters of its own (LongT5's ``"...qhd,...khd->...hqk"``).
+
+    The ellipsis dims broadcast as elementwise ops' do: aligned from the right, so an operand with fewer of
+    them takes the last letters. The equation comes back unchanged where the ranks do not fit it.
+
+    Args:
+        eq: an explicit einsum equation without spaces.
+        ranks: each operand's rank.
+
+    Example::
+
+        _einsum_without_ellipsis("...qd,...kd->...qk", [4, 3])   # "ÀÁqd,Ákd->ÀÁqk"
+    """
+    lhs, rhs = eq.split("->")
+    specs = lhs.split(",")
+    if len(specs) != len(ranks):
+        return eq
+    counts = [r - (len(s) - 3) if "..." in s else 0 for s, r in zip(specs, ranks)]
+    if any(c < 0 for c in counts):
+        return eq
+    n = max(counts, default=0)
+    # letters no equation uses (ATen's einsum accepts only [a-zA-Z]; this rule only needs distinct keys)
+    fill = "".join(chr(0xC0 + k) for k in range(n))
+    specs = [s.replace("...", fill[n - c :]) for s, c in zip(specs, counts)]
+    return ",".join(specs) + "->" + rhs.replace("...", fill)
+
+
 @register(aten.einsum)
 def _einsum(ctx: RuleContext) -> Value:
     eq: str = ctx.arg("equation")
     operands = ctx.arg("tensors")
+    if "..." in eq and "->" in eq:
+        eq = _einsum_without_ellipsis(eq.replace(" ", ""), [len(ctx.shape_of(x)) for x in operands])
     if "..." in eq or "->" not in eq:
         ctx.pin_inputs("einsum with ellipsis or implicit output")
         return ctx.fresh_like_output("einsum with ellipsis or implicit output")

@@ -172,7 +172,8 @@ def _dynamo_graphs(model: torch.nn.Module, args: tuple, kwargs: dict
     return graphs
 
 
-def _combine(parts: list[tuple[torch.export.ExportedProgram, list[InputInfo]]], model: torch.nn.Module) -> TracedGraph:
+def _combine(parts: list[tuple[torch.export.ExportedProgram, list[InputInfo]]], model: torch.nn.Module,
+             flats: list[tuple] | None = None) -> TracedGraph:
     """Several exported graph-break pieces as one graph: a parameter is one placeholder wherever it is read;
     every other piece input is a model input and every piece output a model output, so whatever crosses a
     graph break (through Python the analysis never saw) is pinned, which keeps every reported group sound."""
@@ -183,6 +184,9 @@ def _combine(parts: list[tuple[torch.export.ExportedProgram, list[InputInfo]]], 
     inputs: dict[str, InputInfo] = {}
     shared: dict[str, torch.fx.Node] = {}
     maps: list[dict[torch.fx.Node, torch.fx.Node]] = []
+    # a piece compiled for a submodule's frame (after a graph break) spells FQNs relative to that submodule:
+    # the tensor object the piece received names the parameter in the whole model
+    by_object = {id(t): fqn for fqn, t in reversed(list(state.items()))}
     for i, (ep, infos) in enumerate(parts):  # placeholders first, for all pieces
         val_map: dict[torch.fx.Node, torch.fx.Node] = {}
         nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
@@ -193,6 +197,9 @@ def _combine(parts: list[tuple[torch.export.ExportedProgram, list[InputInfo]]], 
                 continue
             if spec.kind.name == "USER_INPUT":
                 info = infos[user] if user < len(infos) else InputInfo("input")
+                arg = flats[i][user] if flats is not None and user < len(flats[i]) else None
+                if info.kind in ("parameter", "buffer") and id(arg) in by_object:  # a relative name may collide
+                    info = InputInfo(info.kind, by_object[id(arg)])
                 user += 1
             else:  # a tensor the piece holds itself (a constant dynamo lifted): not a model FQN
                 info = InputInfo("constant", f"graph {i}: {spec.target}")
@@ -234,12 +241,13 @@ def _combine(parts: list[tuple[torch.export.ExportedProgram, list[InputInfo]]], 
 
 def _trace_with_dynamo(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph, int]:
     """The ATen graph of every piece dynamo captures (each piece exported like a model), as one TracedGraph."""
-    parts = []
+    parts, flats = [], []
     for gm, infos, flat in _dynamo_graphs(model, args, kwargs):
         with torch.no_grad():
             ep = torch.export.export(gm, tuple(flat), strict=False)
         parts.append((ep, infos))
-    return _combine(parts, model), len(parts)
+        flats.append(tuple(flat))
+    return _combine(parts, model, flats), len(parts)
 
 
 def _first_line(exc: BaseException) -> str:
