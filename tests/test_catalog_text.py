@@ -198,3 +198,41 @@ def test_reshape_passes_equal_leading_dims() -> None:
         assert "attention_heads" in kinds_of(rep, fqn, dim), (fqn, kinds_of(rep, fqn, dim))
     # the shifted positions do not factor: they stay pinned
     assert any("reshape does not factor" in r for p in rep.pinned for r in p.reasons)
+
+
+# ---------------------------------------------------------------------- einsum with an ellipsis (LongT5)
+class BlockLocalAttention(nn.Module):
+    """LongT5's local attention: positions split into blocks, scores and mixing spelled with ``...``."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4, head_dim: int = 8, block: int = 3) -> None:
+        super().__init__()
+        self.h, self.d, self.block = heads, head_dim, block
+        self.q = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.v = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.bias = nn.Parameter(torch.randn(heads, block, block))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        shape = (b, t // self.block, self.block, self.h, self.d)
+        q, k, v = (p(x).view(shape) for p in (self.q, self.k, self.v))
+        scores = torch.einsum("...qhd,...khd->...hqk", q, k) + self.bias
+        y = torch.einsum("...hqk,...khd->...qhd", torch.softmax(scores, -1), v)
+        return self.o(y.reshape(b, t, -1))
+
+
+def test_einsum_ellipsis_keeps_heads() -> None:
+    torch.manual_seed(0)
+    rep = analyse(BlockLocalAttention(), (torch.randn(2, 6, 32),), "einsum")
+    for fqn, dim in (("q.weight", 0), ("k.weight", 0), ("v.weight", 0), ("o.weight", 1), ("bias", 0)):
+        assert "attention_heads" in kinds_of(rep, fqn, dim), (fqn, kinds_of(rep, fqn, dim))
+    assert not any("ellipsis" in r for p in rep.pinned for r in p.reasons)
+
+
+def test_einsum_ellipsis_broadcasts_from_the_right() -> None:
+    from sparsify_fx.analysis.rules import _einsum_without_ellipsis
+
+    assert _einsum_without_ellipsis("...qd,...kd->...qk", [4, 3]) == "\xc0\xc1qd,\xc1kd->\xc0\xc1qk"
+    assert _einsum_without_ellipsis("ij,...j->...i", [2, 1]) == "ij,j->i"
+    assert _einsum_without_ellipsis("...ij,j->...i", [1, 1]) == "...ij,j->...i"  # rank too small: unchanged

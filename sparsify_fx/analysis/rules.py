@@ -1035,6 +1035,15 @@ def _slice(ctx: RuleContext) -> Value:
         return d
     step = ctx.arg("step", 1)
     start = ctx.arg("start", 0)
+    n = shape[i]
+    if (isinstance(start, int) and isinstance(n, int) and isinstance(step, int) and 0 <= start < step
+            and n % step == 0 and out_len == n // step):
+        # x[start::step] is x viewed as [n / step, step] at minor position `start` (GPT-OSS's interleaved gate/up
+        # columns): the major digit keeps its units, only the minor one is fixed
+        major, minor = ctx.table.reshape([d[i]], [n // step, step])
+        ctx.table.pin_dims([minor], "strided slice picks a fixed position within each step")
+        d[i] = major
+        return d
     if not isinstance(start, int) or not isinstance(shape[i], int) or step != 1:
         ctx.table.pin(d[i], "slice with symbolic bounds or a step")
         d[i] = ctx.table.fresh_dim(out_len, "slice with symbolic bounds or a step")
