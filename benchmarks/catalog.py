@@ -126,8 +126,21 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
     if isinstance(present.get("rotary_dim"), int):  # partial rotary within the shrunk head
         kw["rotary_dim"] = min(present["rotary_dim"], HEAD_DIM)
     if isinstance(present.get("layer_types"), list) and len(present["layer_types"]) > LAYERS:
-        # hybrid stacks list every layer explicitly; keep the first ones (their mix) rather than a stale length
-        kw["layer_types"] = present["layer_types"][:LAYERS]
+        # hybrid stacks list every layer explicitly: keep the first ones, but with every kind of layer the full
+        # stack has (OLMo-Hybrid's first layers are all linear attention, and its config refuses a stack without
+        # a full-attention layer); a kind that does not fit replaces a repeated one, or adds a layer
+        kinds = list(dict.fromkeys(map(str, present["layer_types"])))
+        keep = list(present["layer_types"][:LAYERS])
+        for kind in (k for k in kinds if k not in map(str, keep)):
+            repeated = [i for i, t in enumerate(keep) if list(map(str, keep)).count(str(t)) > 1]
+            if repeated:
+                keep[repeated[-1]] = next(t for t in present["layer_types"] if str(t) == kind)
+            else:
+                keep.append(next(t for t in present["layer_types"] if str(t) == kind))
+        kw["layer_types"] = keep
+        for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+            if key in kw:
+                kw[key] = len(keep)
     vocab = kw.get("vocab_size", present.get("vocab_size"))
     if isinstance(vocab, int):
         for key, value in present.items():  # special token ids must index the shrunk vocabulary
@@ -176,6 +189,29 @@ def _model_class(model_type: str) -> type[nn.Module] | None:
     return None
 
 
+def waveform_length(config: Any) -> int:
+    """Samples of raw audio that give a wav2vec2-style encoder enough frames to train on.
+
+    In train mode these models mask spans of ``mask_time_length`` frames (SpecAugment) and refuse a sequence that
+    is not longer; the conv feature extractor divides the length by the product of its strides, and SEW-style
+    models squeeze the frames again. Twice the span plus two frames, after all of that, leaves room.
+
+    Args:
+        config: the model's config (``conv_stride``, ``mask_time_length``, ``squeeze_factor`` where it has them).
+
+    Example::
+
+        waveform_length(Wav2Vec2Config())   # 7680 samples: 23 frames after the 320x feature extractor
+    """
+    strides = getattr(config, "conv_stride", None)
+    stride = math.prod(strides) if isinstance(strides, list | tuple) and strides else 320
+    span = getattr(config, "mask_time_length", None)
+    span = span if isinstance(span, int) and span > 0 else 10
+    squeeze = getattr(config, "squeeze_factor", None)
+    squeeze = squeeze if isinstance(squeeze, int) and squeeze > 0 else 1
+    return stride * ((2 * span + 2) * squeeze + 2)
+
+
 def make_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     """Generated inputs for ``model``'s ``main_input_name`` (token ids, pixel values, audio features).
 
@@ -210,7 +246,7 @@ def make_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
         frames = getattr(config, "max_length", None) or 64
         inputs[main] = torch.randn(BATCH, frames, config.num_mel_bins, generator=g)
     elif main == "input_values":  # raw waveform
-        inputs[main] = torch.randn(BATCH, 1600, generator=g)
+        inputs[main] = torch.randn(BATCH, waveform_length(config), generator=g)
     else:
         inputs[main] = ids
     if "decoder_input_ids" in params and main != "decoder_input_ids":
@@ -368,8 +404,12 @@ def _reason_key(reason: str) -> str:
 def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Record, seed: int) -> None:
     """Permute every group at random (then back); record the groups whose permutation moves an output."""
     from sparsify_fx import permute
+    from sparsify_fx.frontend.trace import tracing_friendly
 
     model = make()
+    # the function compared is the one analysed: the trace switches the cache off (tracing_friendly), and a cache
+    # returned as plain tensors (RWKV's recurrent state, per channel) is in the permuted layout, as a KV cache is
+    # per head; it is the same model's input on the next step, so the permutation is a symmetry of the recurrence
     # float64 makes a permuted sum exact to ~1e-16; models that compute a part in float32 anyway (RoPE tables under
     # autocast(enabled=False)) leave ~1e-7. A wrong group moves outputs by O(1), so 1e-5 separates the two
     for dtype in (torch.float64, torch.float32):
@@ -377,7 +417,7 @@ def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Reco
         try:
             m = model.to(dtype)
             x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-            with torch.no_grad():
+            with torch.no_grad(), tracing_friendly(m):
                 ref, again = float_outputs(m(**x)), float_outputs(m(**x))
             break
         except Exception as exc:  # noqa: BLE001 - some models hard-code float32; fall back to it
@@ -395,7 +435,7 @@ def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Reco
         perm = torch.randperm(grp.num_units, generator=g)
         try:
             permute(m, grp, perm)
-            with torch.no_grad():
+            with torch.no_grad(), tracing_friendly(m):
                 out = float_outputs(m(**x))
             permute(m, grp, torch.argsort(perm))
         except Exception as exc:  # noqa: BLE001 - a group that cannot even be applied is broken too

@@ -19,13 +19,14 @@ check that the pruned model runs and matches the original with the removed contr
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import logging
 import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -90,9 +91,10 @@ class PruneConfig:
     - ``bias_compensation``: FLAP-style, add the mean contribution of the removed units (measured on
       ``calibration``) to each consumer's bias, creating the bias where the consumer has none.
     - ``prune_hidden``: the residual stream (``hidden`` group) is pruned only when this is set, and
-      then in every layer consistently. The same holds for any group a LayerNorm, RMSNorm or GroupNorm
-      reduces over (``Group.normalized``, e.g. ALBERT's factorised embedding): removing units there
-      changes the norm's statistics.
+      then in every layer consistently. The same holds for any group a norm or another reduction reads
+      whole (``Group.normalized``: a LayerNorm/RMSNorm/GroupNorm, a mean, variance, softmax or sum over the
+      features, e.g. ALBERT's factorised embedding, OLMo 2's q/k norm over all heads, BitNet's sub-norms):
+      removing units there changes the reduction, which zeroing them at their consumers does not.
     - ``verify``: after pruning, run ``example_inputs`` through the model and compare with the
       original whose removed units were zeroed at their consumers (skipped for hidden, whose norms
       change); on failure the model is restored and ``ConfigError`` raised.
@@ -229,8 +231,9 @@ def _ranked(p: _GroupPlan, consumers: dict[str, _Consumer]) -> Units:
 
 
 def _stream_like(g: Group) -> bool:
-    """The hidden stream, or any space a norm reduces over: pruning it changes the function beyond removing
-    the units' contributions, so it happens only with prune_hidden and is not checked against zeroing."""
+    """The hidden stream, or any space a norm or another reduction reads whole (see the analysis's
+    ``_mark_read_whole``): pruning it changes the function beyond removing the units' contributions, so it
+    happens only with prune_hidden and is not checked against zeroing."""
     return g.kind == "hidden" or g.normalized
 
 
@@ -264,9 +267,9 @@ def _resolve_ratios(report: CouplingReport, cfg: PruneConfig) -> tuple[dict[str,
         for kind in ratios:
             if not any(g.kind == kind for g in groups):
                 raise ConfigError(
-                    f"every {kind} group of this model is normalised by a LayerNorm/RMSNorm/GroupNorm: removing "
-                    "units changes the norm's statistics, as for the hidden stream; set prune_hidden=True to "
-                    "prune it anyway."
+                    f"every {kind} group of this model is normalised, read whole by a norm or another reduction "
+                    "(LayerNorm, RMSNorm, GroupNorm, mean, softmax, ...): removing units changes its statistics, as "
+                    "for the hidden stream; set prune_hidden=True to prune it anyway."
                 )
     return ratios, groups
 
@@ -350,8 +353,8 @@ def _category(name: str) -> str | None:
 class _AttrUpdate:
     obj: Any
     name: str
-    old: int
-    new: int
+    old: Any  # an int, or a list/tuple of split sizes
+    new: Any
     where: str
 
 
@@ -365,13 +368,14 @@ def _quantities(plans: list[_GroupPlan], report: CouplingReport) -> dict[str, di
         new = g.num_units - len(p.removed)
         if g.kind in ("attention_heads", "kv_heads"):
             if g.kind == "attention_heads" and g.kv_group is None:  # multi-head: one space for q, k, v
-                d = g.unit_size
+                d = _head_size(g)
                 has_kv = any(t in m.tags for m in g.members for t in ("k", "v"))
-                q[g.prefix]["heads"] = (g.num_units, new)
-                q[g.prefix]["head_space"] = (g.num_units * d, new * d)
+                qq = q[_owner(g)]
+                qq["heads"] = (g.num_units, new)
+                qq["head_space"] = (g.num_units * d, new * d)
                 if has_kv:
-                    q[g.prefix]["kv_heads"] = (g.num_units, new)
-                    q[g.prefix]["kv_space"] = (g.num_units * d, new * d)
+                    qq["kv_heads"] = (g.num_units, new)
+                    qq["kv_space"] = (g.num_units * d, new * d)
                 continue
             kvg = g if g.kind == "kv_heads" else (by_name[g.kv_group].group if g.kv_group in by_name else None)
             if kvg is None:
@@ -389,23 +393,71 @@ def _quantities(plans: list[_GroupPlan], report: CouplingReport) -> dict[str, di
             if inner is not None and inner.name in by_name:
                 g_new = gsz - len(by_name[inner.name].removed)
             d = kvg.unit_size
-            qq = q[kvg.prefix]
+            qq = q[_owner(kvg)]
             qq["heads"] = (k_old * gsz, k_new * g_new)
             qq["kv_heads"] = (k_old, k_new)
             qq["groups"] = (gsz, g_new)
             qq["head_space"] = (k_old * gsz * d, k_new * g_new * d)
             qq["kv_space"] = (k_old * d, k_new * d)
         elif g.kind == "ffn_channels":
-            q[g.prefix]["ffn"] = (g.num_units, new)
+            q[_owner(g)]["ffn"] = (g.num_units, new)
+            q[_owner(g)][f"count:{g.name}"] = (g.num_units, new)  # one per group: an owner may hold several
         elif g.kind == "hidden":
             q[""]["hidden"] = (g.num_units, new)
         elif g.kind == "channels" and g.normalized:
             q[g.prefix]["embedding"] = (g.num_units, new)
+        elif g.kind in ("channels", "conv_channels"):
+            q[_owner(g)][f"count:{g.name}"] = (g.num_units, new)  # one per group: an owner may hold several
     return q
+
+
+def _owner(g: Group) -> str:
+    """The innermost module holding every member of ``g`` and its reported prefix: where the code that reshapes the
+    group's space keeps its sizes (the analysis may name one projection as the prefix, e.g. ``...attn.project_q``).
+
+    Example::
+
+        _owner(group)  # 'encoder.layers.0.self_attention' for its q/k/v/out projections
+    """
+    paths = [g.prefix.split(".") if g.prefix else []] + [_split(m.fqn)[0].split(".") for m in g.members]
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)  # '' for a group spanning top-level modules (a bias table shared by every layer)
+
+
+def _head_size(g: Group) -> int:
+    """Width of one head where the heads are concatenated: the per-unit extent of the output projection's columns
+    (what ``context.view(..., all_head_size)`` reshapes), else the widest weight extent. A per-head constant such as
+    a relative-position bias column makes the group's ``unit_size`` 1, so that cannot be used."""
+    ins = [o.inner for m in g.members if m.role == "in" and not m.is_buffer for o in m.occurrences]
+    inners = ins or [o.inner for m in g.members if not m.is_buffer for o in m.occurrences]
+    return max([g.unit_size, *inners])
 
 
 def _int_attrs(obj: Any) -> list[tuple[str, int]]:
     return [(k, v) for k, v in vars(obj).items() if type(v) is int and not k.startswith("_")]
+
+
+def _size_lists(obj: Any) -> list[tuple[str, list[int] | tuple[int, ...]]]:
+    """List/tuple attributes of ints (split sizes such as ``[q_size, kv_size, kv_size]``)."""
+    return [(k, v) for k, v in vars(obj).items() if isinstance(v, list | tuple) and v and not k.startswith("_")
+            and all(type(x) is int for x in v)]
+
+
+def _up_to_layer(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """The ancestors of module ``prefix``, innermost first, up to and including the repeated layer that holds it
+    (the first one indexed in a ModuleList, e.g. ``layers.3``); never the root model."""
+    parts = prefix.split(".") if prefix else []
+    out = []
+    for n in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:n])
+        out.append((name, model.get_submodule(name)))
+        if parts[n - 1].isdigit():
+            break
+    return out
 
 
 def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingReport) -> list[_AttrUpdate]:
@@ -415,16 +467,15 @@ def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingRep
     config_cats = ("heads", "kv_heads", "ffn", "hidden", "embedding")
     # module attributes: on the module owning the group and its submodules
     for prefix, cats in q.items():
-        if prefix == "":
-            continue
-        owner = model.get_submodule(prefix)
+        owner = model.get_submodule(prefix)  # the root for a group spanning the whole model
         for sub_name, sub in owner.named_modules():
             for k, v in _int_attrs(sub):
                 cat = _category(k)
                 if cat in cats and cat not in ("hidden",):
                     old, new = cats[cat]
                     if v == old and old != new:
-                        ups.append(_AttrUpdate(sub, k, v, new, f"{prefix}.{sub_name}".rstrip(".")))
+                        ups.append(_AttrUpdate(sub, k, v, new, f"{prefix}.{sub_name}".strip(".")))
+        ups.extend(_followed_elsewhere(model, prefix, owner, cats))
     if "" in q and "hidden" in q[""]:
         old, new = q[""]["hidden"]
         for name, mod in model.named_modules():
@@ -455,6 +506,60 @@ def _attr_updates(model: nn.Module, plans: list[_GroupPlan], report: CouplingRep
             (new,) = news
             if new != v:
                 ups.append(_AttrUpdate(cfg, k, v, new, "config"))
+    # one attribute reached from two owners (a shared layer ancestor) is written once; conflicting guesses not at all
+    seen: dict[tuple[int, str], list[_AttrUpdate]] = defaultdict(list)
+    for u in ups:
+        seen[(id(u.obj), u.name)].append(u)
+    return [us[0] for us in seen.values() if len({repr(u.new) for u in us}) == 1]
+
+
+def _followed_elsewhere(model: nn.Module, prefix: str, owner: nn.Module,
+                        cats: dict[str, tuple[int, int]]) -> list[_AttrUpdate]:
+    """Sizes kept outside the owning module's subtree or under names that do not say what they count.
+
+    * attributes named by category on the owner's ancestors up to its layer (a block that reshapes with
+      ``self.num_heads`` while the analysis names an inner projection as the owner);
+    * an integer whose name says nothing (``kv_lora_rank``, ``time_step_rank``) equal to a non-head group's old
+      count, on the owner or those ancestors, followed only when it is the single such attribute there;
+    * lists/tuples of sizes (split sizes) with exactly one entry equal to an old count.
+    The pass runs the pruned model afterwards, so a wrong guess is caught and the group kept whole.
+
+    Args:
+        model: the model.
+        prefix: the owner's name.
+        owner: the module owning the group(s).
+        cats: category -> (old count, new count) for the groups owned there.
+
+    Example::
+
+        _followed_elsewhere(model, "layers.0.self_attn", attn, {"count:g": (512, 384)})  # kv_lora_rank 512 -> 384
+    """
+    ups: list[_AttrUpdate] = []
+    places = [(prefix, owner), *_up_to_layer(model, prefix)]
+    for where, mod in places[1:]:
+        for k, v in _int_attrs(mod):
+            cat = _category(k)
+            if cat in cats and cat != "hidden" and v == cats[cat][0] != cats[cat][1]:
+                ups.append(_AttrUpdate(mod, k, v, cats[cat][1], where))
+    for old, new in (c for cat, c in cats.items() if cat.startswith("count:") and c[0] != c[1]):
+        hits = [(where, mod, k) for where, mod in places if layer_type(mod) is None
+                for k, v in _int_attrs(mod) if v == old and _category(k) is None]
+        if len(hits) == 1:
+            where, mod, k = hits[0]
+            ups.append(_AttrUpdate(mod, k, old, new, where))
+    news: dict[int, set[int]] = defaultdict(set)
+    for cat, (o, n) in cats.items():
+        if cat != "hidden":  # the stream's width is followed by name only (it equals many unrelated sizes)
+            news[o].add(n)
+    olds = {o: next(iter(n)) for o, n in news.items() if len(n) == 1 and o not in n}  # unambiguous changes only
+    if olds:
+        for where, mod in places:
+            for k, v in _size_lists(mod):
+                hit = [i for i, x in enumerate(v) if x in olds]
+                if len(hit) == 1:
+                    nv = list(v)
+                    nv[hit[0]] = olds[v[hit[0]]]
+                    ups.append(_AttrUpdate(mod, k, v, type(v)(nv), where))  # type: ignore[arg-type]
     return ups
 
 
@@ -463,9 +568,14 @@ class NothingPrunedWarning(UserWarning):
     returned unchanged, and the warning says which."""
 
 
-class HeadsKeptWarning(UserWarning):
+class UnitsKeptWarning(UserWarning):
+    """Some groups keep all their units because the model did not run (or changed its function) with them pruned,
+    e.g. a module that computes a size from a value the pass cannot update; the rest of the model is pruned."""
+
+
+class HeadsKeptWarning(UnitsKeptWarning):
     """Some attention modules keep all their heads because their code derives the head size from the input
-    width (``nn.MultiheadAttention``); the rest of the model is pruned."""
+    width (``nn.MultiheadAttention``, or any module whose pruned run failed on its heads); the rest is pruned."""
 
 
 # module types whose forward computes head_dim = query width // num_heads: removing heads cannot be expressed in
@@ -496,11 +606,100 @@ def _keep_width_derived_heads(model: nn.Module, plans: list[_GroupPlan]) -> None
         )
 
 
-def _nothing_removed(plans: list[_GroupPlan]) -> str:
+def _nothing_removed(plans: list[_GroupPlan], report: CouplingReport) -> str:
     """Why no unit was selected, for the warning (groups exist: _resolve_ratios refuses a model without any)."""
+    if not plans:
+        read = sorted({g.kind for g in report.groups if g.kind in DEFAULT_KINDS and _stream_like(g)})
+        return (f"every {'/'.join(read) or 'prunable'} group is read whole by a norm or another reduction "
+                "(LayerNorm, RMSNorm, mean, softmax over its units, ...), so removing units would change the "
+                "function beyond their contributions; set prune_hidden=True to prune such groups anyway")
     small = sorted({f"{p.group.kind} ({p.group.num_units} units)" for p in plans})[:6]
-    return (f"every ratio rounds to zero units in every group ({', '.join(small) or 'no group selected'}); raise "
+    return (f"every ratio rounds to zero units in every group ({', '.join(small)}); raise "
             "the ratio or use scope='global'")
+
+
+def _site_module(exc: BaseException, model: nn.Module) -> str | None:
+    """Name of the innermost module of ``model`` whose forward was running when ``exc`` was raised, or None."""
+    names = {id(m): n for n, m in model.named_modules()}
+    tb, site = exc.__traceback__, None
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            site = names[id(owner)]
+        tb = tb.tb_next
+    return site
+
+
+class _Mismatch(ConfigError):
+    """The pruned model ran but its output is not the ablated original's (a stored size followed wrongly)."""
+
+
+class _PrunedRunFailed(Exception):
+    """The pruned model failed its check (the model is restored): ``refusal`` is the error prune raises if no group
+    can be kept back to make it run; ``site`` the innermost failing module, if known."""
+
+    def __init__(self, refusal: ConfigError, site: str | None) -> None:
+        super().__init__(str(refusal))
+        self.refusal, self.site = refusal, site
+
+
+_HEAD_KINDS = ("attention_heads", "kv_heads")
+
+
+def _related(prefix: str, site: str) -> bool:
+    """``prefix`` (a group's owning module) is ``site``, contains it or lies inside it."""
+    return bool(prefix) and (prefix == site or site.startswith(prefix + ".") or prefix.startswith(site + "."))
+
+
+def _groups_to_keep(e: _PrunedRunFailed, active: list[_GroupPlan], model: nn.Module) -> list[_GroupPlan]:
+    """The groups to prune no more after a failed run: the kind that failed, in every module of the failing type.
+
+    The groups owned by (or around) the failing module name the kind, heads first (a head count is what module
+    code most often re-derives from a width); every active group of that kind whose owner has the same module type
+    is kept back, so one retry covers all layers built from the same code. Without a site (the output differed)
+    the head groups go first. Returns [] when nothing fits, and prune refuses.
+
+    Args:
+        e: the failure, with the failing module's name when the traceback showed one.
+        active: the groups that lost units in the failed attempt.
+        model: the (restored) model, for the owners' types.
+
+    Example::
+
+        back = _groups_to_keep(failure, active, model)  # e.g. every BlipAttention's attention_heads group
+    """
+    near = [p for p in active if e.site is not None and _related(p.group.prefix, e.site)]
+    pool = near or [p for p in active if p.group.kind in _HEAD_KINDS]
+    if not pool:
+        return []
+    heads = [p for p in pool if p.group.kind in _HEAD_KINDS]
+    chosen = heads or pool
+    kinds = {p.group.kind for p in chosen}
+
+    def owner_type(p: _GroupPlan) -> type | None:
+        try:
+            return type(get_module(model, p.group.prefix)) if p.group.prefix else None
+        except (AttributeError, SparsifyError):
+            return None
+
+    types = {owner_type(p) for p in chosen}
+    return [p for p in active if p.group.kind in kinds and (p in chosen or owner_type(p) in types)]
+
+
+def _warn_kept(model: nn.Module, kept: list[tuple[list[_GroupPlan], str]]) -> None:
+    """Say which groups prune kept whole because the model did not run with them pruned, and why."""
+    for back, why in kept:
+        kinds = sorted({p.group.kind for p in back})
+        owners = sorted({p.group.prefix for p in back})
+        shown = ", ".join(owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
+        cls = HeadsKeptWarning if set(kinds) <= set(_HEAD_KINDS) else UnitsKeptWarning
+        warnings.warn(
+            f"prune keeps every unit of the {'/'.join(kinds)} group(s) of {shown}: with them pruned the model did "
+            f"not run as before ({why}) The other groups are pruned as asked; to prune these, give the module a "
+            "stored size the pass can update.",
+            cls,
+            stacklevel=3,
+        )
 
 
 def _failure_site(exc: BaseException, model: nn.Module) -> str:
@@ -585,6 +784,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     # ---- indices of every unit in every member
     plans: list[_GroupPlan] = []
     for g in groups:
+        if g.num_units == 0:
+            continue  # an empty space (e.g. zero register tokens) has no unit to rank or remove
         idx = {}
         for m in g.members:
             t = _get(model, m.fqn)
@@ -617,10 +818,37 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     _keep_width_derived_heads(model, plans)
     active = [p for p in plans if p.removed]
     if not active:
-        warnings.warn(f"prune removed nothing: {_nothing_removed(plans)}. The model is unchanged.",
+        warnings.warn(f"prune removed nothing: {_nothing_removed(plans, report)}. The model is unchanged.",
                       NothingPrunedWarning, stacklevel=2)
         return wrapper
+    # a module whose code reads a size the pass cannot update fails to run once pruned: keep that module type's
+    # units of the failing kind (heads first) and prune the rest, rather than refusing the whole model
+    kept: list[tuple[list[_GroupPlan], str]] = []
+    while True:
+        try:
+            _apply(model, example_inputs, active, report, consumers, stats, cfg)
+            break
+        except _PrunedRunFailed as e:
+            back = _groups_to_keep(e, active, model)
+            if not back or len(back) == len(active):
+                raise e.refusal from e.__cause__
+            for b in back:
+                b.removed = []
+            kept.append((back, e.refusal.args[0].split(" Updated counts:")[0]))
+            active = [p for p in plans if p.removed]
+    _warn_kept(model, kept)
+    for p in active:
+        log.info("prune: %s removed %d of %d units", p.group.name, len(p.removed), p.group.num_units)
+    # said now, before the user saves: from_pretrained rebuilds every layer from one config value per size
+    warn_if_not_pretrained(model, "prune", "prune every layer by the same amount (scope='per_layer', one ratio per "
+                           "kind, no bias_compensation on bias-free layers)")
+    return wrapper
 
+
+def _apply(model: nn.Module, example_inputs: Any, active: list[_GroupPlan], report: CouplingReport,
+           consumers: dict[str, _Consumer], stats: dict[str, Stats], cfg: PruneConfig) -> None:
+    """Remove ``active``'s selected units in one journaled transaction and check the pruned model runs (and matches
+    the ablated original); on a failed run the model is restored and :class:`_PrunedRunFailed` raised."""
     # ---- keep masks per tensor dim, in original coordinates
     aliases = _aliases(model)
     tensors: dict[int, torch.Tensor] = {}
@@ -711,26 +939,22 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
             if cfg.verify:
                 try:
                     _verify(model, example_inputs, ref_out if checkable else None, attr_updates)
+                except _Mismatch as e:
+                    raise _PrunedRunFailed(e, None) from e
                 except SparsifyError:
                     raise
                 except Exception as e:
                     site = _failure_site(e, model)
                     changed = ", ".join(f"{u.where}.{u.name} {u.old}->{u.new}" for u in attr_updates) or "none"
-                    raise ConfigError(
+                    raise _PrunedRunFailed(ConfigError(
                         f"the pruned model failed to run ({type(e).__name__}: {e}); the model was restored."
                         + (f" It failed in {site}." if site else "")
                         + f" Updated counts: {changed}. That module computes a size from a value the pass could "
                         "not update (e.g. head_dim = input width // num_heads): exclude its kind from the ratio "
                         "(e.g. ratio={'ffn_channels': 0.25}) or give the module a stored size the pass can update."
-                    ) from e
+                    ), _site_module(e, model)) from e
     finally:
         model.train(was_training)
-    for p in active:
-        log.info("prune: %s removed %d of %d units", p.group.name, len(p.removed), p.group.num_units)
-    # said now, before the user saves: from_pretrained rebuilds every layer from one config value per size
-    warn_if_not_pretrained(model, "prune", "prune every layer by the same amount (scope='per_layer', one ratio per "
-                           "kind, no bias_compensation on bias-free layers)")
-    return wrapper
 
 
 def _kept_per_conv_group(mod: nn.Module, keep: torch.Tensor) -> list[int]:
@@ -858,27 +1082,45 @@ def _ablated_output(model: nn.Module, example_inputs: Any, active: list[_GroupPl
             b = mod._parameters.get("bias")
             nb = (b.detach() if b is not None else torch.zeros_like(d, dtype=mod.weight.dtype)) + d.to(mod.weight.dtype)
             j.set_tensor(mod, "bias", nn.Parameter(nb.to(mod.weight.device), requires_grad=False))
-        with torch.no_grad():
+        with torch.no_grad(), _same_draws(model):
             out = _first_tensor(run_batch(model, example_inputs))
         return None if out is None else out.detach().clone()
     finally:
         j.rollback()
 
 
+def _same_draws(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """The reference and the pruned forward draw the same random numbers: a model that samples in its forward
+    even in eval mode (ViT-MAE's masking noise) otherwise differs between two runs of the same weights. The
+    caller's generator state is restored afterwards."""
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    return _seeded_fork(cuda)
+
+
+@contextlib.contextmanager
+def _seeded_fork(cuda_devices: list[int]) -> Iterator[None]:
+    with torch.random.fork_rng(devices=cuda_devices):
+        # seed only the generators fork_rng restores (torch.manual_seed would reseed every GPU's)
+        torch.random.default_generator.manual_seed(0)
+        for d in cuda_devices:
+            torch.cuda.default_generators[d].manual_seed(0)
+        yield
+
+
 def _verify(model: nn.Module, example_inputs: Any, ref: torch.Tensor | None, ups: list[_AttrUpdate]) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), _same_draws(model):
         out = _first_tensor(run_batch(model, example_inputs))
     if ref is None or out is None:
         return
     if out.shape != ref.shape:
-        raise ConfigError(
+        raise _Mismatch(
             f"pruned model output has shape {tuple(out.shape)}, expected {tuple(ref.shape)}; model restored."
         )
     tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 3e-2
     err = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
     if not err <= tol:
         changed = ", ".join(f"{u.where}.{u.name} {u.old}->{u.new}" for u in ups) or "none"
-        raise ConfigError(
+        raise _Mismatch(
             f"pruned model differs from the original with the removed units zeroed (rel err {err:.2e} > {tol}); "
             f"the model was restored. Updated counts: {changed}. A stored size the pass could not identify is "
             "the likely cause."
