@@ -351,8 +351,15 @@ def _stacked_experts(model: nn.Module, g: Group) -> bool:
     """Whether a group is one space shared by every expert of stacked expert weights ([experts, ...]): it is
     skipped (a per-expert group, ``g.expert`` set, trains through :mod:`sparsify_fx.passes.s2ft_experts`)."""
     return g.expert is None and any(
-        not m.is_buffer and m.role in ("in", "out") and _tensor(model, m.fqn).dim() > 2 for m in g.members
+        not m.is_buffer and m.role in ("in", "out") and _tensor(model, m.fqn).dim() > 2 and not _in_conv(model, m)
+        for m in g.members
     )
+
+
+def _in_conv(model: nn.Module, m: Member) -> bool:
+    """Whether ``m`` is a convolution's parameter. In an FFN-channel group that is a depthwise conv between the
+    projections (a Mix-FFN's 3x3): channel-wise like a norm's affine, its 4-D weight is no projection to train."""
+    return is_conv(get_module(model, m.fqn.rpartition(".")[0]))
 
 
 def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Unit]:
@@ -390,7 +397,8 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
             if _stacked_experts(model, g):
                 skipped_experts.append(g.name)
                 continue
-            projs = _projections_of(g)
+            projs = {name: kept for name, pairs in _projections_of(g).items()
+                     if (kept := [(m, o) for m, o in pairs if not _in_conv(model, m)])}
             if "down" not in projs:
                 continue
             found["ffn"] |= set(projs)
