@@ -99,3 +99,55 @@ def test_dynamo_pieces_of_a_submodule_frame_keep_full_fqns():
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+class InterleavedGLU(nn.Module):
+    """GPT-OSS's gate/up layout: one projection whose even columns are the gate and odd ones the up."""
+
+    def __init__(self, hidden: int = 16, inter: int = 12) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * inter)
+        self.down = nn.Linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)
+        gate, up = gu[..., ::2], gu[..., 1::2]
+        return x + self.down(torch.nn.functional.silu(gate) * (up + 1))
+
+
+def test_strided_slice_keeps_the_interleaved_channels():
+    torch.manual_seed(0)
+    model, x = InterleavedGLU(), torch.randn(2, 5, 16)
+    report = sparsify_fx.analyze(model, (x,))
+    g = next(g for g in report.groups if any(m.fqn == "down.weight" and m.dim == 1 for m in g.members))
+    # one unit is a (gate, up) column pair of gate_up and one column of down
+    assert g.num_units == 12
+    assert {(m.fqn, m.dim) for m in g.members} == {("gate_up.weight", 0), ("gate_up.bias", 0), ("down.weight", 1)}
+    models.check_groups_are_symmetries(model, (x,), report)
+
+
+def gpt_oss(layers: int = 2, hidden: int = 64, inter: int = 32, experts: int = 4):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=experts, num_experts_per_tok=2,
+                       vocab_size=128, max_position_embeddings=128, layer_types=["full_attention"] * layers)
+    return GptOssForCausalLM(cfg).eval()
+
+
+def test_gpt_oss_experts_get_a_group_each_with_their_biases():
+    torch.manual_seed(0)
+    model = gpt_oss()
+    with torch.no_grad():  # random expert biases, so a bias left behind by the permutation shows
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_()
+    x = torch.randint(0, 128, (2, 8))
+    report = sparsify_fx.analyze(model, (x,))
+    for layer in range(2):
+        prefix = f"model.layers.{layer}."
+        experts = [g for g in report.groups if g.kind == "ffn_channels" and g.prefix.startswith(prefix)]
+        assert sorted(g.expert for g in experts) == [0, 1, 2, 3]
+        for g in experts:
+            assert {m.fqn.rsplit(".", 1)[1] for m in g.members} == {"gate_up_proj", "gate_up_proj_bias", "down_proj"}
+    models.check_groups_are_symmetries(model, (x,), report, tol=1e-5)

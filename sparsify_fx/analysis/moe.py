@@ -99,7 +99,8 @@ class _Candidate:
 
 _ROW_WISE = {*UNARY, *BINARY} | {
     getattr(aten, n)
-    for n in ("split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk", "_assert_tensor_metadata")
+    for n in ("split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk", "_assert_tensor_metadata",
+              "slice", "add_", "sub_", "mul_", "div_")  # rows keep dim 0 (checked on every value): row by row
     if hasattr(aten, n)
 }
 
@@ -160,6 +161,15 @@ def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
                     old.ok = False
     if not cands:
         return {}
+    # a per-row expert bias is indexed by the sorted expert ids, never unified with the weights' expert dim:
+    # its dim 0 stands for the experts of the offs that the ids count
+    gathered_experts: dict[Atom, torch.fx.Node] = {}
+    for node in state.env:
+        for offs in {id(o): o for o in state.expert_products.values()}.values():
+            bias_dims = state.env.get(node.args[0]) if _is_routed_gather(node, offs) else None
+            lead = _layout(t, bias_dims[0]) if isinstance(bias_dims, list) and bias_dims else None
+            if lead is not None and len(lead) == 1:
+                gathered_experts[lead[0]] = offs
 
     def check(op_node: torch.fx.Node, value_node: torch.fx.Node, dims: list[Dim]) -> None:
         """A value that carries a candidate class, as ``op_node`` produces or consumes it."""
@@ -168,6 +178,8 @@ def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
             cand = cands[c]
             lead = _layout(t, dims[0])
             is_weight = value_node in state.provenance  # a stacked weight, or a layout view of one
+            if is_weight and lead is not None and len(lead) == 1 and gathered_experts.get(lead[0]) is cand.offs:
+                lead = cand.experts if lead[0].size == cand.experts[0].size else lead
             if c in per_dim[0] or lead is None or lead != (cand.experts if is_weight else cand.rows):
                 cand.ok = False
                 continue
@@ -176,6 +188,8 @@ def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
                 continue
             if op_node in state.expert_products:
                 cand.ok &= state.expert_products[op_node] is cand.offs
+            elif _is_routed_gather(op_node, cand.offs):
+                continue  # per-row expert biases: row s reads bias[e(s)], the expert offs gives it
             elif is_weight:
                 cand.ok &= packet in LAYOUT_OPS
             else:
@@ -196,3 +210,37 @@ def _flat_nodes(x: Any) -> list[torch.fx.Node]:
     if isinstance(x, list | tuple):
         return [n for y in x for n in _flat_nodes(y)]
     return [x] if isinstance(x, torch.fx.Node) else []
+
+
+# ops a routing count passes through between the sorted expert ids and ``offs`` (dtype casts, the histogram,
+# its running sum)
+_COUNT_OPS = {
+    getattr(aten, n) for n in ("histc", "cumsum", "_to_copy", "to", "type_as", "_assert_tensor_metadata")
+    if hasattr(aten, n)
+}
+
+
+def _is_routed_gather(node: torch.fx.Node, offs: torch.fx.Node) -> bool:
+    """``w[ids]`` (GPT-OSS's per-row expert biases) where ``ids`` are sorted expert ids whose histogram's running
+    sum is ``offs``: sorted, row ``s`` lies in ``[offs[e-1], offs[e])`` exactly when ``ids[s] == e``, so the row
+    reads the slice of the expert whose weight the grouped GEMM gives it."""
+    if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.index:
+        return False
+    indices = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(indices, list | tuple) or len(indices) != 1 or not isinstance(indices[0], torch.fx.Node):
+        return False
+    ids = indices[0]
+    sort = ids.args[0] if ids.target is operator.getitem and ids.args[1] == 0 else None
+    if not isinstance(sort, torch.fx.Node) or getattr(sort.target, "overloadpacket", None) is not aten.sort:
+        return False
+    stack, seen = [offs], set()
+    while stack:  # offs must be computed from ids through counting ops only
+        n = stack.pop()
+        if n is ids:
+            return True
+        if n in seen or n.op != "call_function" or getattr(n.target, "overloadpacket", None) not in _COUNT_OPS:
+            continue
+        seen.add(n)
+        if isinstance(n.args[0], torch.fx.Node):
+            stack.append(n.args[0])
+    return False
