@@ -672,9 +672,11 @@ def _groups_to_keep(e: _PrunedRunFailed, active: list[_GroupPlan], model: nn.Mod
     pool = near or [p for p in active if p.group.kind in _HEAD_KINDS]
     if not pool:
         return []
-    heads = [p for p in pool if p.group.kind in _HEAD_KINDS]
-    chosen = heads or pool
-    kinds = {p.group.kind for p in chosen}
+    # one kind per retry, the ones module code most often re-derives first, so the rest stays pruned
+    order = [*_HEAD_KINDS, "channels", "conv_channels", "ffn_channels"]
+    kind = min((p.group.kind for p in pool), key=lambda k: order.index(k) if k in order else len(order))
+    chosen = [p for p in pool if p.group.kind == kind]
+    kinds = {kind}
 
     def owner_type(p: _GroupPlan) -> type | None:
         try:

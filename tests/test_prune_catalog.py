@@ -69,13 +69,21 @@ def test_head_size_derived_from_input_width_is_refused_naming_module_and_attribu
     x = torch.randn(2, 3, 32, 32)
     snap = model_snapshot(m)
     ref = m(x).last_hidden_state
-    with pytest.raises(ConfigError, match=rf"(?s)failed to run.*restored.*It failed in {where}.*num_heads=3"):
-        sparsify_fx.prune(m, (x,), sparsify_fx.PruneConfig(ratio=0.25))
-    assert_unchanged(m, snap)
-    assert torch.equal(m(x).last_hidden_state, ref)
-    # the refusal's fix works: FFN channels alone prune and the model runs smaller
+    if kind == "blip":  # every attention module is a BlipAttention: heads alone cannot be pruned
+        with pytest.raises(ConfigError, match=rf"(?s)failed to run.*restored.*It failed in {where}.*num_heads=3"):
+            sparsify_fx.prune(m, (x,), sparsify_fx.PruneConfig(ratio={"attention_heads": 0.25}))
+        assert_unchanged(m, snap)
+        assert torch.equal(m(x).last_hidden_state, ref)
+    else:  # only the pooling head derives its head size: the encoder layers' heads are pruned
+        m2 = _vision(kind)
+        with pytest.warns(HeadsKeptWarning, match=rf"(?s)group\(s\) of head:.*It failed in {where}"):
+            sparsify_fx.prune(m2, (x,), sparsify_fx.PruneConfig(ratio={"attention_heads": 0.25}))
+        assert m2.encoder.layers[0].attention.q_proj.out_features == 48
+        assert m2.head.num_heads == 4
+    # with every kind asked, that module's heads are kept (saying where it failed) and FFN channels are pruned
     before = _count(m)
-    sparsify_fx.prune(m, (x,), sparsify_fx.PruneConfig(ratio={"ffn_channels": 0.25}))
+    with pytest.warns(HeadsKeptWarning, match=rf"(?s)attention_heads group.*It failed in {where}"):
+        sparsify_fx.prune(m, (x,), sparsify_fx.PruneConfig(ratio=0.25))
     assert _count(m) < before
     assert m(x).last_hidden_state.shape == ref.shape
 
