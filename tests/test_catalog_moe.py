@@ -151,3 +151,23 @@ def test_gpt_oss_experts_get_a_group_each_with_their_biases():
         for g in experts:
             assert {m.fqn.rsplit(".", 1)[1] for m in g.members} == {"gate_up_proj", "gate_up_proj_bias", "down_proj"}
     models.check_groups_are_symmetries(model, (x,), report, tol=1e-5)
+
+
+def test_s2ft_trains_gpt_oss_channels_inside_each_expert():
+    torch.manual_seed(0)
+    model = gpt_oss()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_()
+    x = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        ref = model(x).logits
+    tuned = sparsify_fx.s2ft(model, (x,), sparsify_fx.S2FTConfig(ffn_ratio=0.25, seed=0))
+    out = tuned(x).logits
+    assert models.rel_err(out.detach(), ref) <= 1e-5  # co-permuted experts (biases included) compute the same
+    out.square().mean().backward()
+    blocks = {n: p for n, p in tuned.named_parameters() if p.requires_grad and ".experts." in n}
+    # one block per expert and layer; 8 of 32 channels, each a (gate, up) column pair of gate_up_proj
+    assert sorted(tuple(p.shape) for n, p in blocks.items() if "gate_up_proj" in n) == [(64, 16)] * 8
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks.values())
