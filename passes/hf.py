@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparsify_fx.errors import SparsifyWarning
+
 log = logging.getLogger("sparsify_fx")
 
 
@@ -118,7 +120,7 @@ def pretrained_mismatches(model: nn.Module) -> list[str]:
     return out
 
 
-class PretrainedMismatchWarning(UserWarning):
+class PretrainedMismatchWarning(SparsifyWarning):
     """A transformed model's shapes are not what ``from_pretrained`` rebuilds from its config."""
 
 

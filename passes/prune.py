@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from sparsify_fx.analysis import CouplingReport, Group, Member, analyze
-from sparsify_fx.errors import ConfigError, SparsifyError
+from sparsify_fx.errors import ConfigError, SparsifyError, SparsifyWarning
 from sparsify_fx.passes._batch import run_batch
 from sparsify_fx.passes._config import (
     check_bool,
@@ -563,12 +563,12 @@ def _followed_elsewhere(model: nn.Module, prefix: str, owner: nn.Module,
     return ups
 
 
-class NothingPrunedWarning(UserWarning):
+class NothingPrunedWarning(SparsifyWarning):
     """prune found nothing to remove (no prunable group, or every ratio rounds to zero units): the model is
     returned unchanged, and the warning says which."""
 
 
-class UnitsKeptWarning(UserWarning):
+class UnitsKeptWarning(SparsifyWarning):
     """Some groups keep all their units because the model did not run (or changed its function) with them pruned,
     e.g. a module that computes a size from a value the pass cannot update; the rest of the model is pruned."""
 

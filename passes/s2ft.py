@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import sparsify_fx.ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify_fx.analysis import CouplingReport, Group, Member, Occurrence, analyze
-from sparsify_fx.errors import ConfigError
+from sparsify_fx.errors import ConfigError, SparsifyWarning
 from sparsify_fx.passes._config import (
     check_bool,
     check_calibration,
@@ -76,11 +76,15 @@ Strategy = Literal["random", "magnitude", "gradient", "activation"]
 STRATEGIES = ("random", "magnitude", "gradient", "activation")  # names from importance.IMPORTANCES
 
 
-class ZeroUnitsWarning(UserWarning):
+class FrozenWeightWarning(SparsifyWarning):
+    """A weight of a selected unit cannot train through S²FT's linear (not a 2-D linear map): it stays frozen."""
+
+
+class ZeroUnitsWarning(SparsifyWarning):
     """A ratio rounds to zero units of a kind somewhere: that kind trains nothing there."""
 
 
-class SubstitutedProjectionWarning(UserWarning):
+class SubstitutedProjectionWarning(SparsifyWarning):
     """The default projections do not exist as such in a model, so the closest ones train instead (see describe)."""
 
 
@@ -343,7 +347,7 @@ def _projections_of(group: Group) -> dict[str, list[tuple[Member, Occurrence]]]:
     return out
 
 
-class ExpertsSkippedWarning(UserWarning):
+class ExpertsSkippedWarning(SparsifyWarning):
     """Mixture-of-experts channels in stacked 3-D weights were left frozen."""
 
 
@@ -1010,7 +1014,8 @@ def _swap_plan(model: nn.Module, units: list[Unit]) -> list[_Swap]:
         for proj, pairs in u.projections.items():
             for m, occ in pairs:
                 by_weight.setdefault(m.fqn, []).extend(_slices_of(u, proj, m, occ))
-    swaps = []
+    swaps: list[_Swap] = []
+    frozen: list[str] = []
     for wfqn, ss in by_weight.items():
         ss = _union(ss)
         dims = {s.dim for s in ss}
@@ -1025,8 +1030,21 @@ def _swap_plan(model: nn.Module, units: list[Unit]) -> list[_Swap]:
             swaps.append(_Swap(mod_name, wfqn, False, pdim, sorted(ss, key=lambda s: s.start)))
             continue
         in_dim = role_in if role_in is not None else (1 - pdim if _is_out(units, wfqn) else None)
-        transposed = _linear_orientation(get_module(model, mod_name), wfqn, in_dim)
+        try:
+            transposed = _linear_orientation(get_module(model, mod_name), wfqn, in_dim)
+        except ConfigError as exc:
+            frozen.append(str(exc))  # a bias-table projection, a quantised linear: that weight stays frozen
+            continue
         swaps.append(_Swap(mod_name, wfqn, transposed, pdim, sorted(ss, key=lambda s: s.start)))
+    if frozen and not swaps:
+        raise ConfigError("S²FT has no weight it can train:\n  " + "\n  ".join(frozen))
+    if frozen:
+        warnings.warn(
+            f"S²FT leaves {len(frozen)} weight(s) of the selected units frozen (the other projections of those "
+            "units train): " + "; ".join(frozen[:3]) + (" ..." if len(frozen) > 3 else ""),
+            FrozenWeightWarning,
+            stacklevel=3,
+        )
     return swaps
 
 

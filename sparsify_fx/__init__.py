@@ -13,12 +13,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sparsify_fx.errors import AdapterError, AnalysisError, ConfigError, SparsifyError, TraceError
+from sparsify_fx.errors import AdapterError, AnalysisError, ConfigError, SparsifyError, SparsifyWarning, TraceError
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
+    "FrozenWeightWarning": "sparsify_fx.passes.s2ft",
+    "ZeroUnitsWarning": "sparsify_fx.passes.s2ft",
+    "SubstitutedProjectionWarning": "sparsify_fx.passes.s2ft",
+    "ExpertsSkippedWarning": "sparsify_fx.passes.s2ft",
+    "NothingPrunedWarning": "sparsify_fx.passes.prune",
+    "UnitsKeptWarning": "sparsify_fx.passes.prune",
+    "HeadsKeptWarning": "sparsify_fx.passes.prune",
+    "PretrainedMismatchWarning": "sparsify_fx.passes.hf",
+    "TraceFallbackWarning": "sparsify_fx.frontend.trace",
     "trace": "sparsify_fx.frontend",
     "TracedGraph": "sparsify_fx.frontend",
     "analyze": "sparsify_fx.analysis",
@@ -65,6 +74,7 @@ __all__ = [
     "AnalysisError",
     "ConfigError",
     "SparsifyError",
+    "SparsifyWarning",
     "TraceError",
     *_LAZY,
 ]

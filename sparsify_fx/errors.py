@@ -23,3 +23,8 @@ class AdapterError(SparsifyError):
 
 class KernelError(SparsifyError):
     """A kernel-backed op breaks the contract of the reference op it stands in for (schema, output shapes/dtypes)."""
+
+
+class SparsifyWarning(UserWarning):
+    """Base class of all sparsify_fx warnings: ``warnings.filterwarnings("error", category=SparsifyWarning)``
+    turns every "did something other than asked" into an error."""

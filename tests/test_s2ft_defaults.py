@@ -17,8 +17,10 @@ from models import output_tensor as _out
 from models import rel_err
 from torch import nn
 
+import sparsify_fx
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.s2ft import (
+    FrozenWeightWarning,
     S2FTConfig,
     S2FTLinear,
     SubstitutedProjectionWarning,
@@ -216,3 +218,43 @@ def test_funnel_einsum_attention_trains_whole_heads():
     v = model.decoder.layers[0].attention.v_head
     assert isinstance(v, S2FTLinear)
     assert len(v.starts) == 1 and v.starts[0] == 0 and v.lengths[0] % 16 == 0 and v.lengths[0] > 0
+
+
+class _TanhMix(nn.Module):
+    """A layer with a 2-D weight that is not a plain linear map (tanh inside), like a quantised or gated linear."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight.t())
+
+
+class _TwoConsumerAttention(nn.Module):
+    """Heads read by two consumers: the output projection and a non-linear mix (both are 'o' of the head group)."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.mix = _TanhMix(d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.h, d // self.h).transpose(1, 2)  # noqa: E731
+        y = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        y = y.transpose(1, 2).reshape(b, t, d)
+        return self.o(y) + self.mix(y)
+
+
+def test_a_weight_that_is_not_a_linear_map_stays_frozen_and_the_rest_trains():
+    torch.manual_seed(0)
+    model, x = _TwoConsumerAttention(), torch.randn(2, 5, 32)
+    ref = model(x).detach()
+    cfg = sparsify_fx.S2FTConfig(attention_ratio=0.5, progress=False)
+    with pytest.warns(FrozenWeightWarning, match="mix.weight"):
+        sparsify_fx.s2ft(model, (x,), cfg)
+    assert isinstance(model.v, S2FTLinear) and isinstance(model.o, S2FTLinear)
+    assert isinstance(model.mix, _TanhMix) and not model.mix.weight.requires_grad
+    assert rel_err(model(x).detach(), ref) < 1e-5

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from sparsify_fx.errors import TraceError
+from sparsify_fx.errors import SparsifyWarning, TraceError
 from sparsify_fx.frontend.graph import InputInfo, TracedGraph, tied_names
 
 
-class TraceFallbackWarning(UserWarning):
+class TraceFallbackWarning(SparsifyWarning):
     """torch.export failed and the graph was captured through dynamo instead (named cause, graph count)."""
 
 
