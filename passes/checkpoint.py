@@ -11,11 +11,12 @@ tensor of the checkpoint (a rank's share of it, for sharded parameters).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,9 @@ class _Checkpoint:
         files = self._files(path)
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # key -> (first byte, end byte) of its data in its file
+        self._files_open: dict[str, BinaryIO] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)
         for file in files:
             try:
                 handle = stack.enter_context(safe_open(file, framework="pt"))
@@ -63,6 +67,11 @@ class _Checkpoint:
             self._handles[file] = handle
             for key in handle.keys():  # noqa: SIM118  (safe_open has no __iter__)
                 self._where[key] = file
+            # values are read with plain positioned reads, not through safe_open's memory map: pages of a mapped
+            # file count in the process's resident memory until it is unmapped, so a mapped read of every tensor
+            # made the whole checkpoint resident on every rank (the loader's peak was model + checkpoint)
+            self._spans.update(_data_spans(file))
+            self._files_open[file] = stack.enter_context(open(file, "rb", buffering=0))
         if self._index is not None:
             for key, file in self._index.items():
                 if self._where.get(key) != file:
@@ -111,28 +120,66 @@ class _Checkpoint:
         return _DTYPES.get(name, name)
 
     def read(self, key: str, select: Index) -> torch.Tensor:
-        """The tensor ``key`` at positions ``select[d]`` along each dim ``d`` (all of a dim not in ``select``).
+        """The tensor ``key`` at positions ``select[d]`` along each dim ``d`` (all of a dim not in ``select``), as a
+        new tensor of just that size (see :meth:`read_into`)."""
+        shape = self.shape(key)
+        out_shape = tuple(len(select[d]) if d in select else n for d, n in enumerate(shape))
+        out = torch.empty(out_shape, dtype=self._torch_dtype(key))
+        self.read_into(key, select, out)
+        return out
 
-        Along dim 0 only the rows asked for are read (in contiguous runs), so a rank that owns a few rows of a
-        large tensor never holds the whole of it; the other dims are gathered in memory.
+    def read_into(self, key: str, select: Index, dst: torch.Tensor) -> None:
+        """Write the tensor ``key`` at positions ``select[d]`` along each dim ``d`` into ``dst`` (of that shape).
+
+        Only rows (dim 0) that ``select`` asks for are read, in spans of at most ``_CHUNK_BYTES`` that cover runs of
+        wanted rows, so memory beyond ``dst`` is one span whatever the tensor's size; a span of consecutive rows
+        that lands on consecutive rows of a contiguous CPU ``dst`` is read straight into it. Other dims are
+        gathered per span.
         """
-        handle = self._handles[self._where[key]]
+        shape = self.shape(key)
+        dtype = self._torch_dtype(key)
+        item = torch.empty((), dtype=dtype).element_size()
+        begin, end = self._spans[key]
+        numel = math.prod(shape)
+        if end - begin != numel * item:
+            raise ConfigError(f"checkpoint tensor {key!r} has {end - begin} bytes of data, its shape {shape} and "
+                              f"dtype need {numel * item}: the file is corrupt; save the checkpoint again.")
+        f = self._files_open[self._where[key]]
+        if not shape:  # a 0-d tensor: one value
+            buf = self._stage(item)
+            _read_exact(f, begin, buf)
+            dst.copy_(buf.view(dtype).reshape(()))
+            return
+        n0, row_shape = shape[0], shape[1:]
+        row_bytes = math.prod(row_shape) * item
+        if numel == 0:
+            return
         rows = select.get(0)
-        if rows is None:
-            t = handle.get_tensor(key)
-        else:
-            wanted, where = torch.unique(rows, sorted=True, return_inverse=True)
-            if wanted.numel() == 0:
-                t = torch.empty((0, *self.shape(key)[1:]), dtype=self._torch_dtype(key))
+        others = {d: ix for d, ix in select.items() if d != 0}
+        direct = not others and dst.device.type == "cpu" and dst.is_contiguous()
+        flat = dst.view(-1).view(torch.uint8) if direct else None
+        for at, first, count in _spans(rows, n0, max(1, _CHUNK_BYTES // row_bytes)):
+            # at: positions of dst (dim 0) that get rows first .. first+count-1 (None: consecutive from at)
+            if flat is not None and isinstance(at, int):
+                _read_exact(f, begin + first * row_bytes, flat[at * row_bytes : (at + count) * row_bytes])
+                continue
+            buf = self._stage(count * row_bytes)
+            _read_exact(f, begin + first * row_bytes, buf)
+            piece = buf.view(dtype).view(count, *row_shape)
+            if not isinstance(at, int):
+                piece = piece.index_select(0, at[1])
+            for d, ix in others.items():
+                piece = piece.index_select(d, ix)
+            if isinstance(at, int):
+                dst.narrow(0, at, piece.shape[0]).copy_(piece)
             else:
-                cuts = (torch.nonzero(wanted.diff() != 1).flatten() + 1).tolist()
-                sl = handle.get_slice(key)
-                runs = torch.tensor_split(wanted, cuts)
-                t = torch.cat([sl[int(r[0]) : int(r[-1]) + 1] for r in runs])[where]
-        for d, ix in select.items():
-            if d != 0:
-                t = t.index_select(d, ix)
-        return t
+                dst.index_copy_(0, at[0].to(dst.device), piece.to(dst.device))
+
+    def _stage(self, nbytes: int) -> torch.Tensor:
+        """A reusable CPU byte buffer of ``nbytes`` (spans are at most ``_CHUNK_BYTES`` or one row)."""
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self._staging[:nbytes]
 
     def _torch_dtype(self, key: str) -> torch.dtype:
         dt = self.dtype(key)
@@ -148,6 +195,79 @@ class _Checkpoint:
         except (OSError, ValueError):
             return None
         return cfg if isinstance(cfg, dict) else None
+
+
+# ---------------------------------------------------------------------- reading spans of rows
+_CHUNK_BYTES = 16 * 2**20  # at most this much is staged per read (or one row, if a row is larger)
+_HEADER_MAX = 100 * 2**20  # safetensors' own bound on the JSON header
+
+
+def _data_spans(file: str) -> dict[str, tuple[int, int]]:
+    """Byte span of every tensor's data in a safetensors file (absolute offsets), from its header: an 8-byte
+    little-endian header length, a JSON object of ``{"dtype", "shape", "data_offsets"}`` per tensor, then data."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < size <= _HEADER_MAX:
+            raise ConfigError(f"{file!r} has no valid safetensors header; save the checkpoint again.")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise ConfigError(f"{file!r} has no valid safetensors header ({exc}); save the checkpoint again.") from exc
+    data = 8 + size
+    return {k: (data + int(v["data_offsets"][0]), data + int(v["data_offsets"][1]))
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_exact(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous byte tensor ``out`` from ``f`` at ``offset`` (reads may return short)."""
+    view = memoryview(out.numpy()).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ConfigError(f"{getattr(f, 'name', 'the checkpoint')!r} ends before its tensor data does: the file "
+                              "is truncated; download or save the checkpoint again.")
+        done += got
+
+
+def _spans(rows: torch.Tensor | None, n0: int,
+           limit: int) -> Iterator[tuple[int | tuple[torch.Tensor, torch.Tensor], int, int]]:
+    """Cover the wanted rows with spans of at most ``limit`` consecutive checkpoint rows.
+
+    Yields ``(at, first, count)``: the span is checkpoint rows ``first .. first + count - 1``; ``at`` is the first
+    destination position when the span maps onto consecutive positions in order, else ``(positions, offsets)``:
+    the destination positions and, for each, its row's offset in the span. Rows nobody asked for are read only
+    across short gaps between wanted ones (a sixteenth of a span at most), so a rank reads about its own rows.
+    """
+    if rows is None:
+        for first in range(0, n0, limit):
+            yield first, first, min(limit, n0 - first)
+        return
+    if rows.numel() == 0:
+        return
+    rows = rows.to(torch.long)
+    order = torch.argsort(rows, stable=True)
+    srt = rows[order]
+    # a new span where the next wanted row would not fit in the current one, or lies more than ``gap`` rows past
+    # the previous (reading through a short gap costs less than another read call; a long one is skipped)
+    gap = max(1, limit // 16)
+    starts = [0]
+    first = prev = int(srt[0])
+    for i, r in enumerate(srt.tolist()):
+        if r - first >= limit or r - prev > gap:
+            starts.append(i)
+            first = r
+        prev = r
+    starts.append(len(srt))
+    for a, b in zip(starts[:-1], starts[1:]):
+        pos, got = order[a:b], srt[a:b]
+        first, count = int(got[0]), int(got[-1]) - int(got[0]) + 1
+        if count == b - a and int(pos[-1]) - int(pos[0]) == b - a - 1 and bool((pos.diff() == 1).all()):
+            yield int(pos[0]), first, count
+        else:
+            yield (pos, got - first), first, count
 
 
 # ---------------------------------------------------------------------- where each checkpoint value goes
@@ -312,7 +432,7 @@ def load_base(model: nn.Module, path: str | os.PathLike, *, strict: bool = True)
                 j.set_data(lin.blocks[i], view)
             for t in targets:
                 local, select = _local(t.dst, t.index, ckpt.shape(t.key))
-                local.copy_(ckpt.read(t.key, select))
+                ckpt.read_into(t.key, select, local)
             left = _init_buffers(model, j)
             if st is not None:
                 j.setattr(st, "base_blocks", _base_blocks(model, st, ckpt, blocks["weights"]))
