@@ -4,8 +4,9 @@ The large-model flow: build on the meta device → :func:`~sparsify_fx.s2ft` (pl
 ``fully_shard`` (optional) → ``to_empty`` → :func:`load_base`. The checkpoint is read tensor by tensor; each
 tensor gets the co-permutation the S²FT plan applied to its parameter, and goes wherever the model keeps it: a
 plain tensor, a view-layout weight (its trainable blocks re-bound as views), a ``layout="separate"`` block, or an
-FSDP2 ``DTensor`` shard, of which a rank reads only the rows it owns. Peak memory above the model is about one
-tensor of the checkpoint (a rank's share of it, for sharded parameters).
+FSDP2 ``DTensor`` shard, of which a rank reads only the rows it owns. Values go from the file into the parameter
+through one staging span of at most 16 MiB (positioned reads, no memory map), so peak memory above the model is
+that span plus the S²FT base blocks (the trained rows' base values, whole on every rank).
 """
 
 from __future__ import annotations
