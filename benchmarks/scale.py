@@ -17,6 +17,12 @@ growth is the least-squares slope over them) and the Llama-3-70B shape (h8192, G
 
     /work/main/.venv/bin/python benchmarks/scale.py            # about 1-2 minutes on 2 cores
     /work/main/.venv/bin/python benchmarks/scale.py --quick    # 2 and 4 layers of the 8B shape, writes no JSON
+    /work/main/.venv/bin/python benchmarks/scale.py --only-load   # the loading section alone (~1.5 min)
+
+Loading (issue 14, item 2): a 311 M-parameter Llama saved in 300 MB shards, loaded by ``from_pretrained`` and by
+meta → ``s2ft`` → ``fully_shard`` → ``to_empty`` → ``load_base`` on 1, 2 and 4 gloo ranks, one process each; peak
+RSS (VmHWM) above the RSS after imports (model classes included), RSS after each phase, the tensor meter over
+``load_base``, and the target ≤ (1/world + 10 %) of the single-process peak.
 """
 
 from __future__ import annotations
@@ -152,46 +158,93 @@ def _load_llama(device: str | None = None) -> Any:
         return LlamaForCausalLM(cfg)
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident memory so far (VmHWM: anonymous and file-backed pages, mapped checkpoint pages included)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def load_child(mode: str, ckpt: str, rank: int, world: int, init_file: str) -> dict[str, Any]:
-    """One process of the load section: ``from_pretrained``, or meta → s2ft → (FSDP2 per layer) → load_base."""
+    """One process of the load section: ``from_pretrained`` (then every weight read once, then copied once), or
+    meta → s2ft → FSDP2 per layer → ``to_empty`` → ``load_base``; RSS after each phase and the tensor meter over
+    ``load_base``. The meter's dispatch mode costs a little Python per op: ``load_base`` makes a few per 16 MiB."""
     import torch
+    import torch.distributed as dist
+    from memory import TensorMemoryMeter
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
 
     import sparsify_fx
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    base = _rss_mb()  # imports done: what every process pays before any weight
+    # every module the run uses is imported (transformers' Llama code alone is ~250 MB resident): what is left is
+    # what loading costs
+    base = _rss_mb()
+    phases: dict[str, float] = {}
+    times: dict[str, float] = {}
+    meter_mb = None
     if mode == "from_pretrained":
-        from transformers import LlamaForCausalLM
-
         with _Clock() as clock:
             model = LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+        times["from_pretrained_s"] = clock.wall
+        phases["from_pretrained"] = _rss_mb() - base
+        # a fair comparison: the returned weights may be mapped lazily, so read every one once
+        with _Clock() as touch, torch.no_grad():
+            for p in model.parameters():
+                p.sum()
+        times["touch_s"] = touch.wall
+        phases["touched"] = _rss_mb() - base
+        total = clock.wall + touch.wall
+        peak = _vm_hwm_mb()
+        # the floor for a loader that writes into the model's own memory (load_base must: it permutes and shards):
+        # one copy of every weight out of the page cache, each freed at once (taken after the peak is read)
+        with _Clock() as copy, torch.no_grad():
+            for p in model.parameters():
+                p.clone()
+        times.update(copy_s=copy.wall, from_pretrained_cpu_s=clock.cpu, touch_cpu_s=touch.cpu, copy_cpu_s=copy.cpu)
     else:
-        import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
-
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         try:
-            with _Clock() as clock:
+            with _Clock() as plan:
                 model = _load_llama("meta")
                 sparsify_fx.s2ft(model, (torch.zeros(1, 8, dtype=torch.long),),
                                  sparsify_fx.S2FTConfig(layout="separate", progress=False))
+            phases["planned"] = _rss_mb() - base
+            with _Clock() as shard:
                 for layer in model.model.layers:
                     fully_shard(layer)
                 fully_shard(model)
                 model.to_empty(device="cpu")
+            phases["materialised"] = _rss_mb() - base
+            with _Clock() as clock, TensorMemoryMeter() as meter:
                 sparsify_fx.load_base(model, ckpt)
+            meter_mb = meter.peak / 2**20
+            phases["loaded"] = _rss_mb() - base
             dist.barrier()
         finally:
             dist.destroy_process_group()
+        times.update(plan_s=plan.wall, shard_s=shard.wall, load_base_s=clock.wall, load_base_cpu_s=clock.cpu)
+        total = plan.wall + shard.wall + clock.wall
+        peak = _vm_hwm_mb()
     local = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters()) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "world": world, "rank": rank, "load_s": clock.wall, "peak_rss_mb": peak,
-            "base_rss_mb": base, "peak_above_base_mb": peak - base, "local_params_mb": local, **_rss_split_mb()}
+    return {"mode": mode, "world": world, "rank": rank, "load_s": clock.wall, "total_s": total, **times,
+            "peak_rss_mb": peak, "base_rss_mb": base, "peak_above_base_mb": peak - base,
+            "rss_after_phase_above_base_mb": phases, "meter_peak_mb": meter_mb, "local_params_mb": local,
+            **_rss_split_mb()}
+
+
+LOAD_RUNS = (("from_pretrained", 1), ("load_base", 1), ("load_base", 2), ("load_base", 4))
 
 
 def load_section(tmp: str) -> dict[str, Any]:
-    """Peak memory per rank for 1 and 2 gloo ranks loading with load_base, and load time vs from_pretrained."""
+    """Peak memory per rank for 1, 2 and 4 gloo ranks loading with load_base, and load time vs from_pretrained.
+
+    The checkpoint was just written, so every run reads it from the page cache (no disk in any number).
+    """
     import torch
 
     torch.manual_seed(0)
@@ -201,7 +254,7 @@ def load_section(tmp: str) -> dict[str, Any]:
     model.save_pretrained(ckpt, max_shard_size="300MB")
     del model
     rows = []
-    for mode, world in (("from_pretrained", 1), ("load_base", 1), ("load_base", 2)):
+    for mode, world in LOAD_RUNS:
         init = os.path.join(tmp, f"init-{mode}-{world}")
         procs = [subprocess.Popen([sys.executable, __file__, "--load-child", mode, ckpt, str(r), str(world), init],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
@@ -210,12 +263,36 @@ def load_section(tmp: str) -> dict[str, Any]:
             if p.returncode != 0:
                 raise RuntimeError(f"{mode} world={world} failed:\n{err[-4000:]}")
             rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  loading: {mode} x{world} done", file=sys.stderr)
     single = next(r for r in rows if r["mode"] == "load_base" and r["world"] == 1)["peak_above_base_mb"]
     for r in rows:
         if r["mode"] == "load_base":
             r["target_mb"] = (1 / r["world"] + 0.10) * single
             r["meets_target"] = r["peak_above_base_mb"] <= r["target_mb"]
     return {"params": n_params, "checkpoint_mb": n_params * 4 / 2**20, "rows": rows}
+
+
+def load_lines(loading: dict[str, Any]) -> list[str]:
+    """The loading table."""
+    lines = [f"loading a {loading['params'] / 1e6:.0f} M-parameter Llama ({loading['checkpoint_mb']:.0f} MiB fp32, "
+             "300 MB shards, page cache warm); memory above the process's RSS after imports:"]
+    head = ("method", "world", "rank", "load s", "load cpu s", "total s", "peak above MB", "meter MB", "params MB",
+            "anon/file end MB", "target MB")
+    lines.append("  ".join(f"{h:>14}" for h in head))
+    for r in loading["rows"]:
+        tgt = f"{r['target_mb']:.0f} {'met' if r['meets_target'] else 'MISSED'}" if "target_mb" in r else ""
+        meter = "" if r.get("meter_peak_mb") is None else f"{r['meter_peak_mb']:.0f}"
+        cpu = r.get("load_base_cpu_s", r.get("from_pretrained_cpu_s", 0.0))
+        cells = (r["mode"], r["world"], r["rank"], f"{r['load_s']:.2f}", f"{cpu:.2f}", f"{r['total_s']:.2f}",
+                 f"{r['peak_above_base_mb']:.0f}", meter, f"{r['local_params_mb']:.0f}",
+                 f"{r['rssanon_end_mb']:.0f}/{r['rssfile_end_mb']:.0f}", tgt)
+        lines.append("  ".join(f"{c!s:>14}" for c in cells))
+    for r in loading["rows"]:
+        if r["mode"] == "from_pretrained":
+            lines.append(f"from_pretrained {r['from_pretrained_s']:.2f} s (weights mapped, not read), reading every "
+                         f"weight once {r['touch_s']:.2f} s, copying every weight once {r['copy_s']:.2f} s "
+                         f"({r['copy_cpu_s']:.2f} s CPU)")
+    return lines
 
 
 def run_child(shape: str, layers: int) -> dict[str, Any]:
@@ -237,6 +314,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 and 4 layers of the 8B shape; no JSON")
     ap.add_argument("--json", default=RESULTS)
     ap.add_argument("--no-load", action="store_true", help="skip the checkpoint-loading section")
+    ap.add_argument("--only-load", action="store_true", help="run only the loading section; update its JSON key")
     ap.add_argument("--child", nargs=2, metavar=("SHAPE", "LAYERS"), help=argparse.SUPPRESS)
     ap.add_argument("--load-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -246,6 +324,22 @@ def main() -> None:
     if args.load_child:
         mode, ckpt, rank, world, init = args.load_child
         print(json.dumps(load_child(mode, ckpt, int(rank), int(world), init)))
+        return
+    if args.only_load:  # rerun the loading section alone; the planning results in the JSON stay as they are
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            loading = load_section(tmp)
+        print("\n".join(load_lines(loading)))
+        doc = {}
+        if os.path.isfile(args.json):
+            with open(args.json) as f:
+                doc = json.load(f)
+        doc["loading"] = loading
+        doc["loading_load_average"] = os.getloadavg()[0]
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote the loading section of {args.json}")
         return
 
     growth_layers = [2, 4] if args.quick else [8, 16, 32]
@@ -284,15 +378,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             loading = load_section(tmp)
-        lines.append(f"loading a {loading['params'] / 1e6:.0f} M-parameter Llama ({loading['checkpoint_mb']:.0f} MiB "
-                     "fp32, 300 MB shards); peak RSS above the process's RSS after imports:")
-        lines.append("  ".join(f"{h:>16}" for h in ("method", "world", "rank", "load s", "peak above MB",
-                                                     "params MB", "anon/file end MB", "target MB")))
-        for r in loading["rows"]:
-            tgt = f"{r['target_mb']:.0f} {'met' if r['meets_target'] else 'MISSED'}" if "target_mb" in r else ""
-            cells = (r["mode"], r["world"], r["rank"], f"{r['load_s']:.2f}", f"{r['peak_above_base_mb']:.0f}",
-                     f"{r['local_params_mb']:.0f}", f"{r['rssanon_end_mb']:.0f}/{r['rssfile_end_mb']:.0f}", tgt)
-            lines.append("  ".join(f"{c!s:>16}" for c in cells))
+        lines += load_lines(loading)
     load = os.getloadavg()[0]
     lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} cores")
     print("\n".join(lines))
