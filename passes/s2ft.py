@@ -90,6 +90,7 @@ class SubstitutedProjectionWarning(SparsifyWarning):
 
 # the S²FT paper's choice; where v has no rows of its own per head, this default trains the closest projections
 DEFAULT_ATTENTION = ("v", "o")
+FFN_DEFAULT = ("up", "down")
 
 
 @dataclass
@@ -142,7 +143,7 @@ class S2FTConfig:
     """
 
     attention: tuple[str, ...] = DEFAULT_ATTENTION
-    ffn: tuple[str, ...] = ("up", "down")
+    ffn: tuple[str, ...] = FFN_DEFAULT
     attention_ratio: float = 0.1
     ffn_ratio: float = 0.1
     budget: int | None = None
@@ -431,6 +432,16 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
     explicit_conv = (("conv", cfg.conv),) if tuple(cfg.conv) != CONV_PROJECTIONS else ()
     for kind, wanted in (("attention", cfg.attention), ("ffn", cfg.ffn), *explicit_conv):
         missing = [p for p in wanted if p not in found[kind]]
+        defaults = {"attention": DEFAULT_ATTENTION, "ffn": FFN_DEFAULT}.get(kind)
+        if missing and tuple(wanted) == defaults and set(wanted) & found[kind]:
+            # a default config trains what exists (JetMoE's o projection is an expert weight) and says so
+            warnings.warn(
+                f"S²FT: the default {kind} projections {list(wanted)} are not all in this model ({missing} missing); "
+                f"{sorted(set(wanted) & found[kind])} train. Name them in S2FTConfig.{kind} to silence this.",
+                SubstitutedProjectionWarning,
+                stacklevel=3,
+            )
+            continue
         if missing and found[kind]:
             hint = ""
             if kind == "attention" and "qkv" in found[kind]:

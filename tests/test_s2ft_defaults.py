@@ -258,3 +258,31 @@ def test_a_weight_that_is_not_a_linear_map_stays_frozen_and_the_rest_trains():
     assert isinstance(model.v, S2FTLinear) and isinstance(model.o, S2FTLinear)
     assert isinstance(model.mix, _TanhMix) and not model.mix.weight.requires_grad
     assert rel_err(model(x).detach(), ref) < 1e-5
+
+
+class _NoOutputProjection(nn.Module):
+    """Heads with q/k/v projections but no output projection of their own (JetMoE's o is an expert weight; here
+    the heads are summed into the stream): the default ("v", "o") trains v and says o is missing."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.h, d // self.h).transpose(1, 2)  # noqa: E731
+        y = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return y.sum(1)  # heads summed: no o weight consumes them
+
+
+def test_default_config_trains_the_default_projections_that_exist():
+    torch.manual_seed(0)
+    model, x = _NoOutputProjection(), torch.randn(2, 5, 32)
+    ref = model(x).detach()
+    with pytest.warns(SubstitutedProjectionWarning, match=r"\['o'\] missing"):
+        sparsify_fx.s2ft(model, (x,), S2FTConfig(attention_ratio=0.5, progress=False))
+    assert isinstance(model.v, S2FTLinear) and not isinstance(model.q, S2FTLinear)
+    assert rel_err(model(x).detach(), ref) < 1e-5
+    with pytest.raises(ConfigError, match="do not exist"):  # an explicit list is taken literally
+        sparsify_fx.s2ft(_NoOutputProjection(), (x,), S2FTConfig(attention=("v", "o", "q"), progress=False))
