@@ -9,7 +9,6 @@ from __future__ import annotations
 import dist_worker
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 WORLD = dist_worker.WORLD
 
@@ -18,7 +17,7 @@ WORLD = dist_worker.WORLD
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_matches_single_process(mode, tmp_path):
     out = tmp_path / "result.pt"
-    mp.spawn(dist_worker.worker, args=(mode, str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    dist_worker.spawn(dist_worker.worker, WORLD, lambda k: (mode, str(tmp_path / f"init{k}"), str(out)))
     got = torch.load(out)
     losses, blocks = dist_worker.single("view" if mode == "ddp" else "separate")
     for a, b in zip(got["losses"], losses):

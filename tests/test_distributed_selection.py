@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import dist_worker
 import large_worker
 import models
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
 import sparsify_fx
@@ -86,8 +86,8 @@ def test_gradient_selection_on_two_ranks_equals_one_process_on_the_whole_batch(t
     """Each rank scores half the batch on an FSDP2-sharded loaded model: the scores, hence the units, are those of
     one process on the whole batch; then the meta-planned, sharded, loaded model trains like that process."""
     world = 2
-    mp.spawn(large_worker.selection_worker, args=(world, ckpt, str(tmp_path / "init"), str(tmp_path)),
-             nprocs=world, join=True)
+    dist_worker.spawn(large_worker.selection_worker, world,
+                      lambda k: (world, ckpt, str(tmp_path / f"init{k}"), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"selection{r}.pt") for r in range(world)]
     grad, act = _config("gradient"), _config("activation")
     plain = LlamaForCausalLM.from_pretrained(ckpt)

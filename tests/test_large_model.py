@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 
+import dist_worker
 import large_worker
 import models
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
@@ -171,8 +171,7 @@ def test_fsdp2_processes_match_single_process(tmp_path, ckpt: str, world: int) -
     """meta → s2ft → fully_shard per layer → to_empty → load_base (each rank reads its rows) → 3 AdamW steps →
     export_adapter (gathers the trained blocks only); equals the single-process run on the whole batch (each of the
     ``world`` ranks trains on its 4 / world rows)."""
-    mp.spawn(large_worker.worker, args=(world, ckpt, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    dist_worker.spawn(large_worker.worker, world, lambda k: (world, ckpt, str(tmp_path / f"init{k}"), str(tmp_path)))
     got = torch.load(tmp_path / "result.pt")
     ref = _reference(ckpt, "view")
     losses = large_worker.train(ref.train(), IDS)
