@@ -138,7 +138,7 @@ def assemble_weight(weight: Tensor, blocks: Sequence[Tensor], dim: int, starts: 
     into skinny ones far below peak. The ``out*in`` copy is independent of the token count and, at training batch
     sizes, a few percent of the GEMM; serving without a copy is :mod:`sparsify_fx.codegen.kernels.delta_gemm`'s job.
     """
-    if all(_is_view_in_place(weight, b, dim, s) for b, s in zip(blocks, starts)):
+    if blocks_in_place(weight, blocks, dim, starts):
         return weight
     pieces: list[Tensor] = []
     pos = 0
