@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from sparsify_fx.analysis.context import AnalysisState, RuleContext, Value
-from sparsify_fx.analysis.rules import BINARY, UNARY, register
+from sparsify_fx.analysis.rules import BINARY, UNARY, register, register_custom
 from sparsify_fx.analysis.spaces import Atom, Dim, SpaceTable
 
 aten = torch.ops.aten
@@ -71,13 +71,7 @@ def _grouped_mm(ctx: RuleContext) -> Value:
 
 _GROUPED_MM_ATEN = {getattr(aten, n) for n in ("_grouped_mm", "grouped_mm") if hasattr(aten, n)}
 register(*_GROUPED_MM_ATEN)(_grouped_mm)
-CUSTOM_RULES = {name: _grouped_mm for name in GROUPED_MM_CUSTOM}
-
-
-def custom_rule(target: Any) -> Any:
-    """The rule for a custom op named by its qualified name, if the registry has one."""
-    name = _qualified(target)
-    return CUSTOM_RULES.get(name) if name is not None else None
+register_custom(*GROUPED_MM_CUSTOM)(_grouped_mm)
 
 
 @register(aten.histc)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.fx
 
+import sparsify_fx.analysis.moe  # noqa: F401  (registers the MoE rules)
 from sparsify_fx.analysis.context import AnalysisState, Provenance, RuleContext, Value, fresh_value, op_name
-from sparsify_fx.analysis.moe import custom_rule  # also registers the MoE rules
 from sparsify_fx.analysis.rules import rule_for
 from sparsify_fx.frontend.graph import TracedGraph
 
@@ -131,7 +131,7 @@ def _run(gm: torch.fx.GraphModule, graph: torch.fx.Graph, state: AnalysisState) 
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             state.env[node] = _higher_order(gm, node, state)
             continue
-        rule = rule_for(node.target) or custom_rule(node.target)
+        rule = rule_for(node.target)
         if rule is None and _scalar_only(state, node):
             state.env[node] = None  # no tensor in or out: no space passes, nothing to pin
             continue

@@ -61,6 +61,33 @@ def register(*ops: Any) -> Callable[[Rule], Rule]:
     return deco
 
 
+# Custom ops (torch.library, other libraries' namespaces) by qualified schema name: their OpOverload objects may
+# not exist when the rule is registered (the library registers them on import), so they are keyed by name.
+CUSTOM_RULES: dict[str, Rule] = {}
+
+
+def register_custom(*names: str) -> Callable[[Rule], Rule]:
+    """Register a rule for custom ops by qualified name (``"transformers::grouped_mm_fallback"``).
+
+    Args:
+        *names: ``namespace::op`` schema names; a name without ``::`` or registered twice is refused.
+
+    Example::
+
+        @register_custom("mylib::fused_mlp")
+        def _fused_mlp(ctx: RuleContext) -> Value: ...
+    """
+
+    def deco(fn: Rule) -> Rule:
+        for name in names:
+            if "::" not in name or name in CUSTOM_RULES:
+                raise AnalysisError(f"custom-op rule name {name!r} must be 'namespace::op' and registered once")
+            CUSTOM_RULES[name] = fn
+        return fn
+
+    return deco
+
+
 def register_alias(alias: str, canonical: str) -> None:
     """Make ``aten.<alias>`` use the rule of ``aten.<canonical>``; checked when registered.
 
@@ -114,7 +141,8 @@ def rule_for(target: Any) -> Rule | None:
         p = ALIASES.get(p, p)
         if p in RULES:
             return RULES[p]
-    return None
+    schema = getattr(target, "_schema", None)
+    return CUSTOM_RULES.get(schema.name) if schema is not None else None
 
 
 def _functional(packet: Any) -> Any:
