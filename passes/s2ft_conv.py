@@ -24,6 +24,7 @@ from sparsify_fx.analysis import Group, Member, Occurrence
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.passes.layers import ConvType, layer_type
 from sparsify_fx.passes.s2ft_blocks import S2FTBlocks, separate_blocks
+from sparsify_fx.passes.surgery import get_module, split_fqn
 
 # projection names of a conv channel group: its producers' output channels and its consumers' input channels
 CONV_PROJECTIONS = ("out", "in")
@@ -104,7 +105,7 @@ def drop_untrainable_convs(units: list[Any], model: nn.Module) -> list[Any]:
         kept: dict[str, list[tuple[Member, Occurrence]]] = {}
         for proj, pairs in u.projections.items():
             for m, occ in pairs:
-                mod = model.get_submodule(m.fqn.rpartition(".")[0])
+                mod = get_module(model, split_fqn(m.fqn)[0])
                 why = conv_trainable(mod) if is_conv(mod) else None
                 if why is not None:
                     u.notes.append(f"{m.fqn} stays frozen: {why}")
