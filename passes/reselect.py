@@ -56,7 +56,7 @@ from sparsify_fx.analysis import Group, Occurrence
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.frontend.graph import alias_key
 from sparsify_fx.passes.copermute import companions
-from sparsify_fx.passes.surgery import Journal, get_module, get_tensor, unwrap
+from sparsify_fx.passes.surgery import Journal, get_module, get_tensor, split_fqn, unwrap
 
 __all__ = ["GrowScore", "Reselect", "Reselector", "ReselectCallback", "Swap", "reselect_"]
 
@@ -223,7 +223,7 @@ class Reselector:
         trained = []
         for proj, pairs in u.projections.items():
             for m, occ in pairs:
-                mod = get_module(self.model, m.fqn.rpartition(".")[0])
+                mod = get_module(self.model, split_fqn(m.fqn)[0])
                 trained.append(_Trained(mod, m.fqn, m.dim, occ, u.part(proj, m, occ)))
         score = GrowScore.OUTPUT_ROWS if any(_is_row_trained(t) for t in trained) else GrowScore.SAMPLED_COLUMNS
         return _GroupPlan(u, trained, score)

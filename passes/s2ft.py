@@ -61,7 +61,15 @@ from sparsify_fx.passes.s2ft_conv import (
     is_conv,
 )
 from sparsify_fx.passes.s2ft_experts import apply_experts, expert_numel, merge_experts, plan_experts
-from sparsify_fx.passes.surgery import Journal, Verb, get_module, require_composable, require_values, unwrap
+from sparsify_fx.passes.surgery import (
+    Journal,
+    Verb,
+    get_module,
+    require_composable,
+    require_values,
+    split_fqn,
+    unwrap,
+)
 from sparsify_fx.passes.surgery import get_tensor as _tensor
 
 if TYPE_CHECKING:
@@ -364,7 +372,7 @@ def _stacked_experts(model: nn.Module, g: Group) -> bool:
 def _in_conv(model: nn.Module, m: Member) -> bool:
     """Whether ``m`` is a convolution's parameter. In an FFN-channel group that is a depthwise conv between the
     projections (a Mix-FFN's 3x3): channel-wise like a norm's affine, its 4-D weight is no projection to train."""
-    return is_conv(get_module(model, m.fqn.rpartition(".")[0]))
+    return is_conv(get_module(model, split_fqn(m.fqn)[0]))
 
 
 def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Unit]:
@@ -1032,7 +1040,7 @@ def _swap_plan(model: nn.Module, units: list[Unit]) -> list[_Swap]:
         dims = {s.dim for s in ss}
         if len(dims) != 1:
             raise ConfigError(f"{wfqn} would train rows and columns at once; select one side per weight.")
-        mod_name = wfqn.rpartition(".")[0]
+        mod_name, _ = split_fqn(wfqn)
         # the weight dim that contracts the layer's input: the member's dim where the group is consumed,
         # the other dim where it is produced
         role_in = next((m.dim for u in units for m in u.group.members if m.fqn == wfqn and m.role == "in"), None)
