@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from sparsify_fx._io import save_safetensors_atomic, write_text_atomic
 from sparsify_fx.errors import AdapterError
+from sparsify_fx.passes.importance import is_dtensor
 from sparsify_fx.passes.s2ft import state_of
 from sparsify_fx.passes.s2ft_experts import block_key
 from sparsify_fx.passes.surgery import Journal, Verb, require_composable, unwrap
@@ -542,7 +543,7 @@ def export_adapter(model: nn.Module) -> Adapter:
     """
     model = unwrap(model)
     st = state_of(model)
-    if any(_is_dtensor(p) for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         if st.experts:
             raise AdapterError("export_adapter of an FSDP2-sharded model with trained stacked experts is not "
                                "supported yet; export it unsharded (or gathered on one rank).")
@@ -608,10 +609,6 @@ def export_adapter(model: nn.Module) -> Adapter:
 
 
 # ---------------------------------------------------------------------- export from a sharded (FSDP2) model
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "full_tensor")
-
-
 @torch.no_grad()
 def _export_sharded(model: nn.Module, st: Any) -> Adapter:
     """:func:`export_adapter` for a model whose parameters are ``DTensor`` shards (FSDP2): the same adapter as the
@@ -634,7 +631,7 @@ def _export_sharded(model: nn.Module, st: Any) -> Adapter:
         idx = fwd.get(canonical.get(fqn, fqn), {})
         trained, base, pos = [], [], []
         for s, n, b in zip(lin.starts, lin.lengths, lin.blocks):
-            full = b.full_tensor() if _is_dtensor(b) else b.detach()
+            full = b.full_tensor() if is_dtensor(b) else b.detach()
             trained.append(full)
             base.append(st.base_blocks[(fqn, s)].to(device=full.device, dtype=full.dtype))
             pos.append(torch.arange(s, s + n))
@@ -660,7 +657,7 @@ def _export_sharded(model: nn.Module, st: Any) -> Adapter:
     for f, t in _named_tensors(model).items():
         if f.startswith(prefixes):
             continue
-        if not _is_dtensor(t) and f not in blocks_of:
+        if not is_dtensor(t) and f not in blocks_of:
             tensors[f] = (tuple(t.shape), t.dtype, _sample(t, _BASE_SAMPLE, original.get(f)))
             continue
         # the positions _sample reads, in the co-permuted tensor
@@ -682,7 +679,7 @@ def _export_sharded(model: nn.Module, st: Any) -> Adapter:
 def _values_at(t: torch.Tensor, coords: list[torch.Tensor]) -> torch.Tensor:
     """``t[coords]`` on the CPU, for a plain tensor or a ``DTensor`` sharded along its dims (each value read by
     the rank that holds it, then all-reduced as integers: exact, since every other rank adds 0)."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t.detach()[tuple(c.to(t.device) for c in coords)].cpu()
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

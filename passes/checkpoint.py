@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.passes.importance import is_dtensor
 from sparsify_fx.passes.s2ft import STATE_ATTR, S2FTLinear, S2FTState
 from sparsify_fx.passes.surgery import Journal, get_module, unwrap
 
@@ -327,14 +328,10 @@ class _Target:
     index: Index
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
-
-
 def _local(dst: torch.Tensor, index: Index, shape: tuple[int, ...]) -> tuple[torch.Tensor, Index]:
     """The tensor this process writes and the checkpoint positions of its elements: the local shard of a
     ``DTensor`` (its global offset from the placements), or the tensor itself."""
-    if not _is_dtensor(dst):
+    if not is_dtensor(dst):
         return dst.detach(), index
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -503,7 +500,7 @@ def _plan(model: nn.Module, st: S2FTState | None, ckpt: _Checkpoint,
             b_index[lin.param_dim] = along[s : s + n] if along is not None else torch.arange(s, s + n)
             weights[(wfqn, s)] = (key, b_index)
             block = lin.blocks[i]
-            if lin.layout == "view" and not _is_dtensor(lin.weight):
+            if lin.layout == "view" and not is_dtensor(lin.weight):
                 view = lin.weight.data.narrow(lin.param_dim, s, n)
                 if block.untyped_storage().data_ptr() != view.untyped_storage().data_ptr() or (
                         block.data_ptr() != view.data_ptr() or block.stride() != view.stride()):
@@ -645,11 +642,11 @@ def _rank() -> int:
 
 def _merged_tensor(fqn: str, t: torch.Tensor, lin: S2FTLinear | None, index: Index) -> torch.Tensor:
     """Tensor ``fqn`` whole, trained blocks written in, in original coordinates."""
-    full = t.full_tensor() if _is_dtensor(t) else t.detach()
+    full = t.full_tensor() if is_dtensor(t) else t.detach()
     if lin is not None:
         full = full.clone()
         for s, n, b in zip(lin.starts, lin.lengths, lin.blocks):
-            block = b.full_tensor() if _is_dtensor(b) else b.detach()
+            block = b.full_tensor() if is_dtensor(b) else b.detach()
             full.narrow(lin.param_dim, s, n).copy_(block)
     for d, ix in index.items():
         full = full.index_select(d, torch.argsort(ix).to(full.device))
