@@ -12,6 +12,7 @@ Rules are keyed by ATen overload packet (``aten.linear``), so the same rule serv
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -264,10 +265,17 @@ UNARY = _packets(
 SOFTMAX = _packets("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
 
 
+_DTYPE_FROM = set(_packets("type_as", "to"))
+
+
 @register(*UNARY)
 def _unary(ctx: RuleContext) -> Value:
     tensors = ctx.tensor_args()
-    if len(tensors) != 1:  # e.g. type_as(Tensor, Tensor), fill(Tensor, Tensor): broadcasting
+    if len(tensors) > 1 and getattr(ctx.node.target, "overloadpacket", None) in _DTYPE_FROM:
+        # type_as(x, other), x.to(other): only other's dtype (and device) is read, the values are x's, so other's
+        # dims are not the output's (a [B, T, 1, 1] mask cast to a [B, T, H, D] query's dtype stays [B, T, 1, 1])
+        return list(ctx.dims(tensors[0]) or [])
+    if len(tensors) != 1:  # e.g. fill(Tensor, Tensor), clamp_min(Tensor, Tensor): broadcasting
         return _broadcast(ctx)
     x = ctx.dims(tensors[0])
     if _functional(getattr(ctx.node.target, "overloadpacket", None)) in ACTIVATIONS and x:
@@ -752,10 +760,25 @@ def _conv_core(ctx: RuleContext, transposed: bool) -> Value:
     else:
         # the input channels are `groups` blocks; each block feeds only its own block of outputs
         g, cin_g = t.fresh(groups), t.fresh(t.size(xd[1]) // groups)
-        ctx.unify(xd[1], (g, cin_g))
+        parts = None if transposed else _grouped_parts(t, xd[1], groups)
+        if parts is None:
+            ctx.unify(xd[1], (g, cin_g))
         if transposed:  # weight [C_in, C_out / groups, ...]
             ctx.unify(cin_w, (g, cin_g))
             cout = (g, *cout_w)
+        elif parts is not None:
+            # the input channels are a concatenation whose parts are whole groups (Zaya's [q | k] into a conv
+            # grouped per head): each part is its own groups x in-channels, the in-channels of every group are the
+            # weight's one in-dim, and the outputs are the same concatenation of groups x out-channels
+            cout_g = t.fresh(out_shape[1] // groups)
+            ctx.unify((cin_g,), cin_w)
+            outs: list[Dim] = []
+            for part in parts:
+                g_k = t.fresh(part.size // cin_g.size)
+                ctx.unify((part,), (g_k, cin_g))
+                outs.append((g_k, cout_g))
+            cout = t.concat(outs, "grouped convolution outputs")
+            ctx.unify(cout_w, cout)
         else:  # weight [C_out, C_in / groups, ...]
             ctx.unify((cin_g,), cin_w)
             cout = (g, t.fresh(out_shape[1] // groups))
@@ -772,6 +795,22 @@ def _conv_core(ctx: RuleContext, transposed: bool) -> Value:
     spatial = ctx.fresh(out_shape[2:], "convolution output positions")
     t.pin_dims(xd[2:], "convolution input positions")
     return [xd[0], cout, *spatial]
+
+
+def _grouped_parts(t: Any, channels: Dim, groups: int) -> list[Any] | None:
+    """The parts of a channel dim that is one concatenation whose every part is a whole number of a grouped conv's
+    groups, or None (a product, a part that splits a group, symbolic sizes: the plain ``groups x in`` unification)."""
+    leaves = t.expand_dim(channels)
+    size = t.size(channels)
+    if len(leaves) != 1 or not isinstance(size, int) or size // groups <= 1:
+        return None
+    root = t.find(leaves[0])
+    if root.ref is None or root.ref.kind != "sum":
+        return None
+    parts = [t.find(c) for c in root.ref.children]
+    if not all(isinstance(p.size, int) and p.size % (size // groups) == 0 for p in parts):
+        return None
+    return parts
 
 
 @register(aten.embedding)
@@ -1474,6 +1513,90 @@ def _col2im(ctx: RuleContext) -> Value:
     ctx.unify(xd[-2], (c, ctx.table.fresh(kh * kw, "col2im kernel positions")))
     ctx.table.pin(xd[-1], "col2im sliding positions")
     return [*xd[:-2], (c,), *ctx.fresh(out_shape[-2:], "col2im output positions")]
+
+
+@register(*_packets("unfold"))
+def _unfold(ctx: RuleContext) -> Value:
+    """``x.unfold(dim, size, step)``: overlapping windows along ``dim`` (a short causal conv's taps). Each window
+    is a run of consecutive positions, so ``dim`` and the two it becomes (windows, taps) are positions (pinned);
+    every other dim is read element by element and passes as the same space."""
+    x = ctx.tensor_args()[0]
+    xd = list(ctx.dims(x) or [])
+    out_shape = ctx.out_shape()
+    if not xd:  # a 0-d input unfolds into a 1-d window of itself
+        return ctx.fresh(out_shape, "unfold window positions")
+    d = _norm_dim(ctx.arg("dimension", 0), len(xd))
+    ctx.table.pin(xd[d], "unfold reads overlapping windows of positions")
+    xd[d] = ctx.table.fresh_dim(out_shape[d], "unfold window starts")
+    return [*xd, ctx.table.fresh_dim(out_shape[-1], "unfold positions within a window")]
+
+
+def _concrete_ints(values: Sequence[Any]) -> list[int] | None:
+    """Plain ints, or None where any is symbolic (its value, hence the storage layout, is not known here)."""
+    out = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return out if len(out) == len(values) else None
+
+
+@register(*_packets("as_strided", "as_strided_copy"))
+def _as_strided(ctx: RuleContext) -> Value:
+    """``x.as_strided(size, stride, offset)`` reads ``x``'s storage at computed offsets (Longformer's overlapping
+    chunks). With ``x`` dense, an offset names one element of ``x``, digit by digit in stride order. An output dim
+    whose size and stride equal an input dim's is that dim, unchanged, when the other output dims (and the offset)
+    never reach its digit: their contributions are multiples of the digit's whole span (``stride * size``) or sum
+    to less than one step of it. Then output index ``j`` along it is input index ``j`` whatever the other indices
+    are, and a permutation of the input dim is the same permutation of the output dim. Every other dim reads
+    positions computed from several digits: pinned."""
+    x = ctx.tensor_args()[0]
+    xd = list(ctx.dims(x) or [])
+    val = x.meta.get("val")
+    out_shape = ctx.out_shape()
+    reason = "as_strided reads the storage at computed positions"
+    if val is None:
+        _pin_storage(ctx, x, reason)
+        return ctx.fresh(out_shape, reason)
+    base = val.storage_offset()
+    known = [_concrete_ints(v) for v in (list(val.shape), list(val.stride()), list(ctx.arg("size", [])),
+                                         list(ctx.arg("stride", [])), [base, ctx.arg("storage_offset", base)])]
+    in_sizes, in_strides, sizes, strides, offsets = (v or [] for v in known)
+    shift = offsets[1] - offsets[0] if len(offsets) == 2 else -1
+    # every offset read must be an element of x: below its start or past its end is another tensor's storage
+    inside = shift >= 0 and all(s >= 0 for s in strides) and (
+        0 in sizes or shift + sum((n - 1) * s for n, s in zip(sizes, strides)) < math.prod(in_sizes))
+    if any(v is None for v in known) or len(xd) != len(in_sizes) or not _dense(in_sizes, in_strides) or not inside:
+        _pin_storage(ctx, x, reason)
+        return ctx.fresh(out_shape, reason)
+    passed: dict[int, int] = {}  # output dim -> input dim
+    for t, (n, s) in enumerate(zip(sizes, strides)):
+        i = next((i for i, p in enumerate(zip(in_sizes, in_strides)) if p == (n, s) and i not in passed.values()), None)
+        if n == 1 or i is None:
+            continue
+        span = n * s
+        low = shift % span + sum((m - 1) * r for u, (m, r) in enumerate(zip(sizes, strides)) if u != t and r % span)
+        if low < s:
+            passed[t] = i
+    ctx.table.pin_dims([d for i, d in enumerate(xd) if i not in passed.values()], reason)
+    return [xd[passed[t]] if t in passed else ctx.table.fresh_dim(out_shape[t], reason) for t in range(len(out_shape))]
+
+
+def _pin_storage(ctx: RuleContext, node: Any, reason: str) -> None:
+    """Pin ``node`` and every tensor it is a view of, up to the one that owns the storage: a read of the storage
+    beyond ``node``'s own elements reaches the base's (a slice's neighbours), and pinning the base pins each part."""
+    while isinstance(node, torch.fx.Node):
+        ctx.table.pin_dims(ctx.dims(node) or [], reason)
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            return
+        node = node.args[0] if node.args else None
+
+
+def _dense(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Every element of the storage span is exactly one element of the tensor (a permuted contiguous layout)."""
+    expected = 1
+    for n, s in sorted(((n, s) for n, s in zip(sizes, strides) if n != 1), key=lambda p: p[1]):
+        if s != expected:
+            return False
+        expected *= n
+    return 0 not in sizes
 
 
 # ------------------------------------------------------------------ complex views, gates, norms (catalog text models)
