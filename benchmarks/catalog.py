@@ -81,6 +81,21 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "convnextv2": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
     "resnet": {"hidden_sizes": [16, 32], "depths": [1, 1], "embedding_size": 16},
     "mamba2": {"num_heads": 8},  # num_heads * head_dim must equal hidden_size * expand
+    # the grouped output projection reshapes the heads into o_groups blocks: 8 groups of 4 shrunk heads cut every
+    # head in half (the reshape does not factor, heads pinned); 2 groups of 2 heads is the real model's layout.
+    # The low ranks and indexer are 1024/64/128 by default, far above the shrunk hidden size
+    "deepseek_v4": {"o_groups": 2, "o_lora_rank": 16, "q_lora_rank": 32, "index_n_heads": 4, "index_head_dim": 16},
+    # a 512-token window pads the 8 sampled tokens to 512 in one chunk; a window of 4 runs the overlapping chunks
+    "led": {"attention_window": 4},
+    # the sliding layers have their own head fields (48 x 128 by default), and the relative bias a 1024-wide table
+    "inkling2_text": {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
+                      "rel_extent": 16, "sliding_window_size": 16},
+    # as inkling2_text, with the looped layers (6..18 by default) inside the shrunk stack: layers 2-3 run twice
+    "inkling2_loop_text": {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
+                           "rel_extent": 16, "sliding_window_size": 16, "num_hidden_layers": 4,
+                           "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+                           "n_layers_per_attn_res_block": 2, "loop_layer_index_start": 2, "loop_layer_index_end": 4,
+                           "loop_num_passes": 2, "loop_gate_rank": 8},
 }
 
 
