@@ -1672,6 +1672,22 @@ def _item(ctx: RuleContext) -> Value:
     return None
 
 
+@register_custom("sparsify::read_into_python")
+def _read_into_python(ctx: RuleContext) -> Value:
+    """The model's Python read these values (``tolist``/``numpy`` in an eagerly captured graph) and may decide on
+    them by position: every dim is pinned."""
+    ctx.pin_inputs("values read into Python (tolist/numpy)")
+    return None
+
+
+@register(*_packets("nonzero", "argwhere"))
+def _nonzero(ctx: RuleContext) -> Value:
+    """The coordinates of the nonzero elements: each row names positions of the input along every dim (pinned);
+    the rows are as many as the data makes them, the columns are the input's dims in order."""
+    ctx.pin_inputs("nonzero returns positions along this dim")
+    return ctx.fresh_like_output("nonzero coordinates")
+
+
 # ---------------------------------------------------------------------- aliases
 # ATen's aliases (native_functions.yaml states them only in comments, and torch keeps no table of them at
 # runtime): each resolves to its canonical op's rule. Checked here, after every rule above is registered.

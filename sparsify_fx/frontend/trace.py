@@ -11,11 +11,13 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsify_fx.errors import SparsifyWarning, TraceError
 from sparsify_fx.frontend.graph import InputInfo, TracedGraph, tied_names
@@ -250,6 +252,163 @@ def _trace_with_dynamo(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     return _combine(parts, model, flats), len(parts)
 
 
+# ---------------------------------------------------------------------------------------- eager capture
+@torch.library.custom_op("sparsify::read_into_python", mutates_args=())
+def read_into_python(x: torch.Tensor) -> None:
+    """Stands, in an eagerly captured graph, for the model's Python reading a tensor's values (``tolist``,
+    ``numpy``): nothing is computed; the analysis pins what was read, as for ``item``."""
+
+
+@read_into_python.register_fake
+def _(x: torch.Tensor) -> None:
+    return None
+
+
+def _meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    if isinstance(x, list | tuple):
+        return type(x)(_meta(y) for y in x)
+    return x
+
+
+class _EagerRecorder(TorchDispatchMode):
+    """Records every ATen op that one eager run dispatches into an FX graph; a tensor is known by the node that
+    last produced it (an in-place op's node replaces its input's), by object identity (weakly held: an object id
+    is trusted only while the object it named is alive)."""
+
+    def __init__(self, graph: torch.fx.Graph, inputs: dict[str, InputInfo]) -> None:
+        super().__init__()
+        self.graph, self.inputs = graph, inputs
+        self._nodes: dict[int, tuple[weakref.ref, torch.fx.Node]] = {}
+        self._first_op: torch.fx.Node | None = None
+        self._constants = 0
+
+    def bind(self, t: torch.Tensor, node: torch.fx.Node) -> None:
+        self._nodes[id(t)] = (weakref.ref(t), node)
+
+    def placeholder(self, name: str, t: torch.Tensor, info: InputInfo) -> torch.fx.Node:
+        ctx = self.graph.inserting_before(self._first_op) if self._first_op is not None else contextlib.nullcontext()
+        with ctx:
+            node = self.graph.placeholder(name)
+        node.meta["val"] = _meta(t)
+        self.inputs[node.name] = info
+        self.bind(t, node)
+        return node
+
+    def node_of(self, t: torch.Tensor) -> torch.fx.Node:
+        entry = self._nodes.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        # a tensor no recorded op produced (made before the run, or from Python data): a constant, pinned
+        self._constants += 1
+        return self.placeholder(f"eager_constant_{self._constants}", t,
+                                InputInfo("constant", f"tensor made outside the captured ops #{self._constants}"))
+
+    def _arg(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self.node_of(x)
+        if isinstance(x, list | tuple):
+            return type(x)(self._arg(y) for y in x)
+        return x
+
+    def record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        node = self.graph.call_function(func, self._arg(tuple(args)), {k: self._arg(v) for k, v in kwargs.items()})
+        if self._first_op is None:
+            self._first_op = node
+        node.meta["val"] = _meta(out)
+        if isinstance(out, torch.Tensor):
+            self.bind(out, node)
+        elif isinstance(out, list | tuple):
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item.meta["val"] = _meta(o)
+                    self.bind(o, item)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.record(func, args, kwargs, out)
+        return out
+
+
+@contextlib.contextmanager
+def _python_reads(rec: _EagerRecorder) -> Iterator[None]:
+    # tolist() and numpy() read a tensor's memory without dispatching any op, so the recorder would not see the
+    # model's Python decide on those values (JetMoE's expert sizes): they are marked here while the capture runs
+    def wrap(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            if self.numel() > 1:
+                with torch.utils._python_dispatch._disable_current_modes():
+                    rec.record(torch.ops.sparsify.read_into_python.default, (self,), {}, None)
+            return original(self, *a, **kw)
+
+        return read
+
+    names = ("tolist", "numpy", "__array__")
+    saved = {n: torch.Tensor.__dict__.get(n, _ABSENT) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, wrap(n))
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is _ABSENT:
+                delattr(torch.Tensor, n)
+            else:
+                setattr(torch.Tensor, n, v)
+
+
+_ABSENT = object()
+
+
+def _leaves(x: Any) -> list[Any]:
+    if isinstance(x, Mapping):
+        return [y for v in x.values() for y in _leaves(v)]
+    if isinstance(x, list | tuple):
+        return [y for v in x for y in _leaves(v)]
+    return [x]
+
+
+def _trace_eagerly(model: torch.nn.Module, args: tuple, kwargs: dict) -> TracedGraph:
+    """One eager run of ``model`` recorded op by op (no grad): what the model computes for these inputs, with
+    its Python's decisions (branches, loops, ``tolist`` splits) taken as they fell; values read into Python
+    are pinned."""
+    g = torch.fx.Graph()
+    inputs: dict[str, InputInfo] = {}
+    rec = _EagerRecorder(g, inputs)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    params = set(state)
+    state.update(model.named_buffers(remove_duplicate=False))
+    seen: set[int] = set()
+    for fqn, t in state.items():
+        if isinstance(t, torch.Tensor) and id(t) not in seen:  # a tied tensor is one placeholder, first name
+            seen.add(id(t))
+            rec.placeholder(fqn.replace(".", "_"), t, InputInfo("parameter" if fqn in params else "buffer", fqn))
+    for i, x in enumerate(_leaves((args, kwargs))):
+        if isinstance(x, torch.Tensor):
+            rec.placeholder(f"input_{i}", x, InputInfo("input"))
+    with torch.no_grad(), _python_reads(rec), rec:
+        out = model(*args, **kwargs)
+    with torch.utils._python_dispatch._disable_current_modes():
+        outs = [rec.node_of(t) for t in _leaves(out) if isinstance(t, torch.Tensor)]
+    g.output(tuple(outs))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    return TracedGraph(gm, inputs, "eager", tied=tied_names(state))  # type: ignore[arg-type]
+
+
+def _raised_by_model(exc: BaseException) -> bool:
+    """The failure is the model's own Python raising (its innermost frame is outside torch and sparsify_fx), not
+    a tracer refusing an op or a data-dependent guard."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.dirname(__file__))
+    return bool(frames) and not frames[-1].filename.startswith((torch_dir, here))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -277,6 +436,11 @@ def trace(
     through dynamo instead (``torch.compile`` with a recording backend; no grad, static shapes) and each graph
     it captures is exported on its own, parameters keeping their FQNs; a :class:`TraceFallbackWarning` names
     the export failure. With graph breaks the pieces become one graph in which what crosses a break is pinned.
+    Where that would lose part of the model, one eager run is recorded op by op instead (``source == "eager"``;
+    no grad, static shapes, the branches and loops these inputs take, values read into Python pinned): when the
+    model's own code raises while traced (a branch taken only under ``torch.compiler.is_compiling()``, which dynamo
+    takes too), and when dynamo ran code outside its graphs that reads parameters no graph reads (a graph break
+    inside a loop, as in per-expert loops).
 
     Args:
         model: the module to trace; not modified (its KV cache setting is restored).
@@ -305,9 +469,22 @@ def trace(
 
 
 def _fallback(model: torch.nn.Module, args: tuple, kwargs: dict, exc: Exception) -> TracedGraph:
-    """torch.export failed: capture through dynamo, or raise a TraceError naming the export failure's line."""
+    """torch.export failed: capture through dynamo (or one recorded eager run where dynamo would lose part of the
+    model), or raise a TraceError naming the export failure's line."""
     where = _user_frame(exc)
     cause = f"{type(exc).__name__}: {_first_line(exc)}"
+    failed = f"torch.export could not trace {type(model).__name__} ({cause}" + (f"; at {where}" if where else "")
+    eager_note = ("The analysis holds for the branches these example inputs take, with static shapes; values the "
+                  "model reads into Python are pinned.")
+    if _raised_by_model(exc):
+        # Dynamo would run the same compile-only branch (is_compiling() is true there as under export) and, where it
+        # raises, run that frame eagerly outside every graph, so what it computes (LongT5's and Switch
+        # Transformers' masks and position biases) would cross graph breaks pinned. One eager run records it all.
+        eager = _try_eager(model, args, kwargs)
+        if eager is not None:
+            warnings.warn(f"{failed}): the model's own code raises while it is traced; captured it by recording one "
+                          f"eager run instead (one graph). {eager_note}", TraceFallbackWarning, stacklevel=3)
+            return eager
     try:
         with tracing_friendly(model), _quiet_fake_tensor_errors():
             tg, pieces = _trace_with_dynamo(model, args, kwargs)
@@ -319,13 +496,43 @@ def _fallback(model: torch.nn.Module, args: tuple, kwargs: dict, exc: Exception)
             + "\n  fix: make that code traceable (no data-dependent Python control flow on tensor "
             "values, no untraceable Python objects as inputs), or pass inputs that avoid it."
         ) from exc
+    # Dynamo runs Python eagerly between graph breaks, and where it cannot resume (a break inside a loop, as in a
+    # per-expert loop with a data-dependent `continue`) the rest of the frame too: the parameters read there reach no
+    # graph, and the analysis would not see them at all. One recorded eager run sees every op.
+    eager = _try_eager(model, args, kwargs)
+    lost = sorted(_parameters_read(eager) - _parameters_read(tg)) if eager is not None else []
+    if eager is not None and lost:
+        warnings.warn(
+            f"{failed}); dynamo ran part of the model outside its graph(s) (parameters such as "
+            f"{', '.join(lost[:3])} reached none), so it was captured by recording one eager run instead "
+            f"(one graph). {eager_note}",
+            TraceFallbackWarning,
+            stacklevel=3,
+        )
+        return eager
     warnings.warn(
-        f"torch.export could not trace {type(model).__name__} ({cause}"
-        + (f"; at {where}" if where else "")
-        + f"); captured it through dynamo instead, in {pieces} graph(s). The analysis holds for the branches "
+        f"{failed}); captured it through dynamo instead, in {pieces} graph(s). The analysis holds for the branches "
         "these example inputs take, with static shapes"
         + ("; tensors crossing a graph break are pinned like model inputs and outputs." if pieces > 1 else "."),
         TraceFallbackWarning,
         stacklevel=3,
     )
     return tg
+
+
+def _try_eager(model: torch.nn.Module, args: tuple, kwargs: dict) -> TracedGraph | None:
+    try:
+        with tracing_friendly(model):
+            return _trace_eagerly(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - the caller falls back to dynamo, whose failure and the export's are reported
+        return None
+
+
+def _parameters_read(tg: TracedGraph) -> set[str]:
+    """FQNs of the parameters some op of ``tg`` reads (tied names included)."""
+    read = set()
+    for n in tg.graph.nodes:
+        info = tg.info(n)
+        if n.users and info is not None and info.kind == "parameter" and info.target:
+            read.add(info.target)
+    return read | {name for names in tg.tied if read & set(names) for name in names}
