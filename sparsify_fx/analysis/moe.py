@@ -135,7 +135,7 @@ def _layout(t: SpaceTable, d: Dim) -> tuple[Atom, ...] | None:
 
 def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
     """Leaf classes of stacked expert weights whose units may be permuted per expert: class root ->
-    number of experts."""
+    number of experts (grouped GEMMs, and experts looped over in Python: :func:`per_expert_loop_classes`)."""
     from sparsify_fx.analysis.propagate import _LAYOUT as LAYOUT_OPS
 
     t = state.table
@@ -153,8 +153,9 @@ def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
                 old = cands.setdefault(c, new)
                 if (old.experts, old.rows, old.offs) != (new.experts, new.rows, new.offs):
                     old.ok = False
+    loop = per_expert_loop_classes(state)
     if not cands:
-        return {}
+        return loop
     # a per-row expert bias is indexed by the sorted expert ids, never unified with the weights' expert dim:
     # its dim 0 stands for the experts of the offs that the ids count
     gathered_experts: dict[Atom, torch.fx.Node] = {}
@@ -197,7 +198,8 @@ def per_expert_classes(state: AnalysisState) -> dict[Atom, int]:
         for a in _flat_nodes(list(node.args) + list(node.kwargs.values())):
             for dims in _tensors(state.env.get(a)):
                 check(node, a, dims)
-    return {c: int(cand.experts[0].size) for c, cand in cands.items() if cand.ok}
+    grouped = {c: int(cand.experts[0].size) for c, cand in cands.items() if cand.ok}
+    return {**{c: n for c, n in loop.items() if c not in cands}, **grouped}  # a class both ways: the grouped proof's
 
 
 def _flat_nodes(x: Any) -> list[torch.fx.Node]:
@@ -238,3 +240,144 @@ def _is_routed_gather(node: torch.fx.Node, offs: torch.fx.Node) -> bool:
         if isinstance(n.args[0], torch.fx.Node):
             stack.append(n.args[0])
     return False
+
+
+# ---------------------------------------------------------------------- experts looped over in Python
+# The other way transformers-era MoE code runs stacked experts: a Python loop over experts multiplies each expert's
+# routed rows by ``weight[e]`` (JetMoE: ``split`` by ``expert_size.tolist()``, a ``linear`` per expert and a
+# ``cat``; GPT-OSS-style eager experts: ``hidden[token_idx] @ gate_up_proj[e]``), so the graph has one
+# ``select(weight, 0, e)`` per expert and the rows each slice meets are visible row spaces.
+_PRODUCTS = {aten.linear: (0, 1), aten.mm: (0, 1), aten.matmul: (0, 1), aten.addmm: (1, 2)}  # (rows, weight) args
+_LOOP_ROW_WISE = _ROW_WISE | {aten.cat}
+
+
+def _packet(node: torch.fx.Node) -> Any:
+    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+
+
+def _row_wise(node: torch.fx.Node) -> bool:
+    packet = _packet(node)
+    if packet in _LOOP_ROW_WISE or node.target in _LOOP_ROW_WISE:
+        return True
+    name = getattr(packet, "__name__", "")  # an in-place form (mul_) works row by row when its functional form does
+    return name.endswith("_") and getattr(aten, name[:-1], None) in _LOOP_ROW_WISE
+
+
+def _expert_slices(state: AnalysisState, layout: set[Any]) -> dict[torch.fx.Node, tuple[str, int, int]]:
+    """Nodes that are one expert's slice of a stacked parameter: ``select(p, 0, e)`` of the parameter (or of a
+    layout view keeping its dim 0 first), and layout views of such a slice -> (fqn, expert, number of experts)."""
+    out: dict[torch.fx.Node, tuple[str, int, int]] = {}
+    for node in state.env:
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src, packet = node.args[0], _packet(node)
+        if packet is aten.select and src not in out:
+            prov = state.provenance.get(src)
+            val = src.meta.get("val")
+            dim, index = (list(node.args[1:3]) + [None, None])[:2]
+            if (prov is None or not prov.axes or prov.axes[0] != 0 or dim != 0 or not isinstance(index, int)
+                    or not isinstance(val, torch.Tensor) or val.dim() < 2 or not isinstance(val.shape[0], int)):
+                continue
+            n = int(val.shape[0])
+            if -n <= index < n:
+                out[node] = (prov.fqn, index % n, n)
+        elif src in out and packet in layout and packet is not aten.select:
+            out[node] = out[src]
+    return out
+
+
+def _rows(t: SpaceTable, v: Any) -> frozenset[Atom] | None:
+    """Leaf classes of a tensor's dim 0 (its rows), None for a value that is not a tensor of rank >= 2."""
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(d, tuple) for d in v):
+        return None
+    return frozenset(leaf_roots(t, v[0]))
+
+
+def per_expert_loop_classes(state: AnalysisState) -> dict[Atom, int]:
+    """Leaf classes of stacked expert weights, used one expert at a time through ``select(weight, 0, e)``, whose
+    units may be permuted per expert: class root -> number of experts.
+
+    The proof: the products ``rows @ weight[e]`` give every row class they read an owner, expert ``e`` (a row class
+    two experts read is nobody's). Then every tensor that carries such a class is a slice of one expert (only
+    ever selected, viewed, or multiplied by rows that expert owns, or combined row-wise with them), the stacked
+    weight itself (read only by those selects, the class outside dim 0), or rows owned by experts: its dim 0 made
+    of owned row classes, the class elsewhere, read only by row-wise ops (whose outputs keep rows among their
+    inputs' rows), by the expert products, or by a ``cat``/``split`` along the rows. Row ``r`` then only ever
+    meets the slices of its owner, so a different permutation per expert cancels row by row.
+    """
+    from sparsify_fx.analysis.propagate import _LAYOUT as LAYOUT_OPS
+
+    t = state.table
+    slices = _expert_slices(state, LAYOUT_OPS)
+    if not slices:
+        return {}
+    cands: dict[Atom, int] = {}  # class -> experts
+    bad: set[Atom] = set()
+    for node, (_, _, n) in slices.items():
+        for d in state.env.get(node) or []:
+            for c in leaf_roots(t, d) if isinstance(d, tuple) else ():
+                if cands.setdefault(c, n) != n:
+                    bad.add(c)
+    owner: dict[Atom, int | None] = {}
+    products: dict[torch.fx.Node, int] = {}  # expert product -> its expert
+    for node in state.env:
+        where = _PRODUCTS.get(_packet(node))
+        if where is None or len(node.args) <= where[1]:
+            continue
+        x, w = node.args[where[0]], node.args[where[1]]
+        if w not in slices or x in slices:
+            continue
+        e = slices[w][1]
+        products[node] = e
+        for leaf in _rows(t, state.env.get(x)) or ():
+            owner[leaf] = e if owner.get(leaf, e) == e else None
+
+    def classes(v: Any) -> set[Atom]:
+        return {c for dims in _tensors(v) for d in dims for c in leaf_roots(t, d)} & cands.keys()
+
+    def experts_of(rows: frozenset[Atom] | None) -> set[int | None]:
+        return {owner.get(r) for r in rows} if rows else {None}
+
+    def stacked_view(node: torch.fx.Node) -> bool:  # the stacked weight itself, or a layout view with experts first
+        prov = state.provenance.get(node)
+        return node not in slices and prov is not None and bool(prov.axes) and prov.axes[0] == 0
+
+    for node, v in state.env.items():
+        carried = classes(v)
+        if stacked_view(node) and carried and classes([v[0]]):
+            bad |= carried  # the class is the experts dim itself
+        if not carried or node in slices or stacked_view(node) or node.target is operator.getitem:
+            continue
+        for dims in _tensors(v):  # rows owned by experts, the class outside them
+            rows = _rows(t, dims)
+            if rows is None or None in experts_of(rows) or classes([dims[0]]):
+                bad |= carried
+    for node in state.env:
+        if node.op != "call_function":
+            continue
+        args = _flat_nodes(list(node.args) + list(node.kwargs.values()))
+        carried = set().union(*(classes(state.env.get(a)) for a in args)) if args else set()
+        if not carried:
+            continue
+        if node in slices or stacked_view(node) or node.target is operator.getitem:
+            continue
+        if node in products:  # rows its expert owns; a bias beside them only that expert's slice
+            e, (xi, wi) = products[node], _PRODUCTS[_packet(node)]
+            others = [a for a in args if a is not node.args[xi] and a is not node.args[wi]]
+            if experts_of(_rows(t, state.env.get(node.args[xi]))) != {e} or any(
+                    classes(state.env.get(a)) and slices.get(a, (None, None))[1] != e for a in others):
+                bad |= carried
+            continue
+        if not _row_wise(node):
+            bad |= carried
+            continue
+        # row-wise: slices only with rows their expert owns; every output row class among the inputs' row classes
+        slice_experts = {slices[a][1] for a in args if a in slices}
+        act_rows = [_rows(t, state.env.get(a)) for a in args if a not in slices and classes(state.env.get(a))]
+        in_rows = frozenset().union(*(r for r in act_rows if r))
+        act_experts = set().union(*(experts_of(r) for r in act_rows)) if act_rows else set()
+        out_rows = [_rows(t, dims) for dims in _tensors(state.env.get(node))]
+        if (None in act_experts or len(slice_experts) > 1 or (slice_experts and act_experts != slice_experts)
+                or not act_rows or any(r is None or not r <= in_rows for r in out_rows)):
+            bad |= carried
+    return {c: n for c, n in cands.items() if c not in bad}

@@ -41,6 +41,9 @@ _LAYOUT = {
     aten.permute,
     aten.permute_copy,
     aten.movedim,
+    # one index of a stacked weight (an expert's slice of [E, out, in], looped over in Python): the other dims
+    # are the parameter's own, so the slice's roles are the parameter's
+    aten.select,
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparsify_fx.analysis.context import RuleContext, Value
-from sparsify_fx.analysis.spaces import Dim, as_size
+from sparsify_fx.analysis.spaces import Dim, SpaceTable, as_size
 from sparsify_fx.errors import AnalysisError
 
 aten = torch.ops.aten
@@ -1129,6 +1129,12 @@ def _split(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
     d = ctx.dims(x) or []
     i = _dim_arg(ctx, len(d))
+    parts = _sum_parts(ctx.table, d[i]) if i < len(d) else None
+    sizes = [as_size(v.shape[i]) for v in ctx.out_val()]
+    if parts is not None and [p.size for p in parts] == sizes:
+        # splitting a concatenation at its own seams (JetMoE splits the expert outputs it concatenated by the same
+        # data-dependent expert sizes): each piece is the part it was, whatever the symbolic sizes are
+        return [[*d[:i], (p,), *d[i + 1 :]] for p in parts]
     outs = []
     start = 0
     for v in ctx.out_val():
@@ -1142,6 +1148,14 @@ def _split(ctx: RuleContext) -> Value:
             od[i] = ctx.table.fresh_dim(n, "split with symbolic sizes")
         outs.append(od)
     return outs
+
+
+def _sum_parts(t: SpaceTable, d: Dim) -> list[Any] | None:
+    """The parts of a dim that is one concatenated space (a single atom refined as a sum), else None."""
+    if len(d) != 1:
+        return None
+    root = t.find(d[0])
+    return [t.find(c) for c in root.ref.children] if root.ref is not None and root.ref.kind == "sum" else None
 
 
 @register(aten.cat)
