@@ -14,6 +14,7 @@ from models import rel_err
 
 import sparsify_fx
 from sparsify_fx.passes import serving
+from sparsify_fx.testing import InjectedFault, count_writes, fail_at_write
 
 BASE = serving.BASE
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -117,3 +118,80 @@ def test_sparse_delta_matches_the_dense_definition(tokens):
         expect[r] += x[r] @ full
     assert rel_err(got, expect) <= 1e-6
     assert torch.equal(got[2], y[2])  # the base row is untouched
+
+
+def test_decode_steps_reuse_the_batch_and_forget_it_when_adapters_change(setup):
+    """The decode steps of one batch reuse its routes; a changed adapter under the same name is served, not the
+    remembered one."""
+    base, adapters = setup
+    served = sparsify_fx.attach_adapters(copy.deepcopy(base), {"a0": adapters["a0"], "a1": adapters["a1"]})
+    state = served._sparsify_serving
+    names = ["a0", BASE, "a1", "a0"]
+    x = torch.randint(0, 128, (len(names), 1), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        first = _out(served(x, adapter_names=names))
+        (batch,) = state.batches.values()
+        routes = dict(batch.routes)
+        second = _out(served(x, adapter_names=list(names)))
+    assert list(state.batches.values()) == [batch] and all(batch.routes[k] is r for k, r in routes.items())
+    assert torch.equal(first, second)
+    # same s2ft units as a0, another target: the same stack layout and name, other deltas
+    other = _adapter(base, CONFIGS[0], 7)
+    sparsify_fx.remove_served_adapter(served, "a0")
+    sparsify_fx.add_served_adapter(served, "a0", other)
+    assert not state.batches
+    with torch.no_grad():
+        y = _out(served(x, adapter_names=names))
+    ref = _alone(base, other, x)
+    for i in (0, 3):
+        assert rel_err(y[i], ref[i]) <= 1e-5
+        assert rel_err(y[i], first[i]) > 1e-4
+
+
+def test_a_failed_add_keeps_the_remembered_batches_right(setup):
+    """A rolled-back add_served_adapter leaves the remembered batch serving exactly what it served before."""
+    base, adapters = setup
+    served = sparsify_fx.attach_adapters(copy.deepcopy(base), {"a0": adapters["a0"], "a2": adapters["a2"]})
+    names = ["a2", "a0", BASE]
+    x = torch.randint(0, 128, (len(names), 2), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        before = _out(served(x, adapter_names=names))
+    with count_writes() as n:
+        sparsify_fx.add_served_adapter(copy.deepcopy(served), "a1", adapters["a1"])
+    for k in range(n[0]):
+        with pytest.raises(InjectedFault), fail_at_write(k):
+            sparsify_fx.add_served_adapter(served, "a1", adapters["a1"])
+        with torch.no_grad():
+            assert torch.equal(_out(served(x, adapter_names=names)), before), k
+    sparsify_fx.add_served_adapter(served, "a1", adapters["a1"])
+    with torch.no_grad():
+        y = _out(served(x, adapter_names=["a1", "a0", BASE]))
+    for i, name in enumerate(["a1", "a0", BASE]):
+        assert rel_err(y[i], _alone(base, adapters.get(name), x)[i]) <= 1e-5
+
+
+def test_the_batches_a_model_remembers_are_bounded(setup):
+    base, adapters = setup
+    served = sparsify_fx.attach_adapters(copy.deepcopy(base), {"a0": adapters["a0"]})
+    x = torch.randint(0, 128, (4, 1), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        for i in range(3 * serving._KEEP_BATCHES):
+            served(x, adapter_names=[("a0" if (i >> b) & 1 else BASE) for b in range(4)])
+    assert 0 < len(served._sparsify_serving.batches) <= serving._KEEP_BATCHES
+
+
+def test_int64_indices_above_the_int32_limit(setup, monkeypatch):
+    """The embedding_bag path's flat positions fall back to int64 where int32 could overflow; same result."""
+    base, adapters = setup
+    names = ["a1", BASE, "a0", "a1"]
+    x = torch.randint(0, 128, (len(names), 3), generator=torch.Generator().manual_seed(14))
+    out = {}
+    for limit in (serving._INT32_LIMIT, 64):
+        monkeypatch.setattr(serving, "_INT32_LIMIT", limit)
+        served = sparsify_fx.attach_adapters(copy.deepcopy(base), {"a0": adapters["a0"], "a1": adapters["a1"]})
+        with torch.no_grad():
+            out[limit] = _out(served(x, adapter_names=names))
+        (batch,) = served._sparsify_serving.batches.values()
+        dtypes = {r.index.dtype for routes in batch.routes.values() for r in routes}
+        assert dtypes == ({torch.int32} if limit > 64 else {torch.long}), limit
+    assert rel_err(out[64], out[serving._INT32_LIMIT]) <= 1e-6
