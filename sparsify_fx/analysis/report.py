@@ -15,6 +15,7 @@ import torch
 
 from sparsify_fx.analysis.context import AnalysisState
 from sparsify_fx.analysis.moe import per_expert_classes
+from sparsify_fx.analysis.rules import ONE_HEAD
 from sparsify_fx.analysis.spaces import Atom, SpaceTable
 
 
@@ -225,32 +226,39 @@ class CouplingReport:
 
 
 # ---------------------------------------------------------------------- building the report
-def _occurrences(t: SpaceTable, dims: Sequence[Atom]) -> list[tuple[Atom, Occurrence]]:
-    """Every leaf class in a product of atoms, with where its units sit."""
+def _occurrences(
+    t: SpaceTable, dims: Sequence[Atom], keep: frozenset[int] = frozenset()
+) -> list[tuple[Atom, Occurrence]]:
+    """Every leaf class in a product of atoms, with where its units sit; a class in ``keep`` (root ids) is reported
+    whole where it occurs, even if refined or of size 1, and not looked into."""
     sizes = [int(a.size) for a in dims]
     out: list[tuple[Atom, Occurrence]] = []
     for i, a in enumerate(dims):
         before, after = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
-        for root, occ in _atom_occurrences(t, a, frozenset()):
+        for root, occ in _atom_occurrences(t, a, frozenset(), keep):
             offs = tuple(o * sizes[i] * after + off * after for o in range(before) for off in occ.offsets)
             out.append((root, Occurrence(offs, occ.units, occ.inner * after, occ.tags)))
     return out
 
 
-def _atom_occurrences(t: SpaceTable, a: Atom, tags: frozenset[str]) -> list[tuple[Atom, Occurrence]]:
+def _atom_occurrences(
+    t: SpaceTable, a: Atom, tags: frozenset[str], keep: frozenset[int] = frozenset()
+) -> list[tuple[Atom, Occurrence]]:
     tags = tags | frozenset(a.tags)
     r = t.find(a)
+    if r.id in keep:
+        return [(r, Occurrence((0,), int(r.size), 1, tags))]
     if r.ref is None:
         return [(r, Occurrence((0,), int(r.size), 1, tags))] if r.size != 1 else []
     if r.ref.kind == "prod":
         return [
             (root, Occurrence(o.offsets, o.units, o.inner, o.tags | tags))
-            for root, o in _occurrences(t, r.ref.children)
+            for root, o in _occurrences(t, r.ref.children, keep)
         ]
     out = []
     off = 0
     for c in r.ref.children:
-        for root, o in _atom_occurrences(t, c, tags):
+        for root, o in _atom_occurrences(t, c, tags, keep):
             out.append((root, Occurrence(tuple(x + off for x in o.offsets), o.units, o.inner, o.tags)))
         off += int(t.find(c).size)
     return out
@@ -286,8 +294,39 @@ _KIND_ORDER = {
 }
 
 
+def _one_heads(t: SpaceTable) -> dict[int, set[int]]:
+    """The one-head attentions the rules marked (``rules._one_head``): head class (size 1) -> the classes of the value
+    features its output carries to o. Read before ``finalize``, which copies marks into refinements: the marked
+    classes themselves, not what they were later split into."""
+    by_mark: dict[str, tuple[set[int], set[int]]] = defaultdict(lambda: (set(), set()))
+    for a in t.atoms:
+        if a.parent is a:
+            for mark in a.marks:
+                if mark.startswith(ONE_HEAD):
+                    by_mark[mark][0 if a.size == 1 else 1].add(a.id)
+    out: dict[int, set[int]] = defaultdict(set)
+    for heads, features in by_mark.values():
+        for h in heads:
+            out[h] |= features
+    return dict(out)
+
+
+def _one_head_member(occs: list[tuple[Atom, Occurrence]], head: int, features: set[int]) -> tuple[Occurrence, ...]:
+    """Where the one unit of a one-head attention sits in a parameter dim: each occurrence of the head (q/k/v rows:
+    the head's one index spans its features), and each occurrence of the value features outside those (o's columns,
+    which hold the features without the size-1 head)."""
+    rows = [o for r, o in occs if r.id == head]
+    spans = [(b, b + o.units * o.inner) for o in rows for b in o.offsets]
+    cols = [o for r, o in occs if r.id in features
+            and not any(lo < b + o.units * o.inner and b < hi for b in o.offsets for lo, hi in spans)]
+    return tuple(Occurrence(o.offsets, 1, o.units * o.inner, o.tags) for o in rows + cols)
+
+
 def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], source: str) -> CouplingReport:
     t = state.table
+    one_heads = _one_heads(t)
+    keep = frozenset(one_heads) | frozenset(f for fs in one_heads.values() for f in fs)
+    one_head_members: dict[int, list[Member]] = defaultdict(list)
     t.finalize()
     experts_of = {r.id: n for r, n in per_expert_classes(state).items()}
     by_class: dict[int, list[Member]] = defaultdict(list)
@@ -308,6 +347,11 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
             role_s = "in" if role and "in" in role else ("out" if role and "out" in role else None)
             for cid, occs in per_class.items():
                 by_class[cid].append(Member(fqn, d, size, tuple(occs), role_s, is_buffer))
+            if one_heads:
+                kept = _occurrences(t, dim, keep)
+                for head, features in one_heads.items():
+                    if unit := _one_head_member(kept, head, features):
+                        one_head_members[head].append(Member(fqn, d, size, unit, role_s, is_buffer))
 
     inner_heads: dict[int, int] = {}  # kv-head group's class -> class of the query heads inside it
     group_of: dict[int | tuple[int, int], Group] = {}
@@ -350,6 +394,8 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
                 group_of[(cid, e)] = dataclasses.replace(shared, members=mems_e, expert=e)
 
     groups = list(group_of.values())
+    for head, mems in one_head_members.items():
+        _add_one_head(t.atoms[head], [t.find(t.atoms[f]) for f in one_heads[head]], mems, groups, pinned)
     _name_groups(groups)
     for cid, inner in inner_heads.items():
         if inner in group_of:
@@ -359,6 +405,25 @@ def build_report(state: AnalysisState, members: list[tuple[str, object, bool]], 
                                re.sub(r"\[expert=\d+\]", "", g.name), g.expert or 0, g.name))
     pinned.sort(key=lambda p: (p.kind, p.members[0] if p.members else ("", 0)))
     return CouplingReport(groups, pinned, dict(state.unruled), source)
+
+
+def _add_one_head(head: Atom, features: list[Atom], mems: list[Member], groups: list[Group],
+                  pinned: list[PinnedSpace]) -> None:
+    """A one-head attention as a group of one unit: its q/k/v rows, o's columns and whatever else carries the head
+    (biases, a norm over q's features). The only permutation of one unit is the identity, so it changes nothing:
+    it is the head that S²FT selects and pruning counts, as with any head count."""
+    if all(m.is_buffer for m in mems):
+        return
+    reasons = [r for a in (head, *features) for r in a.pins]
+    if reasons:
+        pinned.append(PinnedSpace("attention_heads", 1, [(m.fqn, m.dim) for m in mems], list(dict.fromkeys(reasons))))
+        return
+    prefix = _common_prefix([m.fqn for m in mems])
+    if not prefix:  # no common module: name it after a projection that produces the head's rows
+        prefix = next((m.fqn for m in mems if m.role == "out" and not m.is_buffer), mems[0].fqn).rpartition(".")[0]
+    groups.append(Group("", "attention_heads", 1, min(o.inner for m in mems for o in m.occurrences),
+                        sorted(mems, key=lambda m: (m.fqn, m.dim)), _layer_of(prefix), prefix,
+                        normalized="normalized" in head.marks))
 
 
 def _classify(

@@ -601,6 +601,8 @@ def _bmm_core(ctx: RuleContext, a: Any, b: Any) -> list[Dim]:
         if da is not None and db is not None:
             ctx.unify(da, db)
         d = da or db
+        if d is None and ia >= 0 and ib >= 0 and a_shape[ia] == 1 == b_shape[ib]:
+            d = _link_size_one(ctx, ab[ia], bb[ib])
         batch.append(d if d is not None else ctx.table.fresh_dim(1))
     if not ctx.is_state(a) and not ctx.is_state(b) and batch:
         _mark_attention_product(ctx, batch, ab, bb, [ad[-2]], [ad[-1]], [bd[-1]])
@@ -625,6 +627,10 @@ def _mark_attention_product(
         # probs @ v contracts the key positions of an earlier q·kᵀ: b is the values
         for d in b_batch:
             t.tag(d, "v")
+        ones = [d for d in batch if t.size(d) == 1]
+        # one head: every other batch dim is the batch itself (pinned: a model input), none a head of its own
+        if ones and all(t.find(a).pins for d in batch if t.size(d) != 1 for a in t.expand_dim(d)):
+            _one_head(ctx, ones, b_free)
     else:
         # q·kᵀ: name the operands' heads as SDPA does, so passes can tell q, k and v projections apart
         for d in a_batch:
@@ -635,6 +641,35 @@ def _mark_attention_product(
             t.mark(d, "attn_key")
     for d in (*a_free, *contracted, *b_free):
         t.mark(d, "head_dim")
+
+
+ONE_HEAD = "one_head:"  # mark prefix of a one-head attention's head and value features, + the attention node's name
+
+
+def _link_size_one(ctx: RuleContext, a: Dim, b: Dim) -> Dim | None:
+    """Two size-1 dims that are one index of the same thing (both operands' head dim of a one-head attention): unify
+    skips size-1 dims, which index nothing, so the atoms are linked directly to carry the head's tags and marks."""
+    if len(a) != 1 or len(b) != 1:
+        return None
+    ctx.table.unify_atoms(a[0], b[0])
+    return a
+
+
+def _one_head(ctx: RuleContext, heads: Sequence[Dim], features: Sequence[Dim]) -> None:
+    """Mark an attention with one head: its q, k and v head dims (size 1, linked) and the value features that its
+    output carries to o. The report makes them one head unit: q/k/v rows hold the size-1 head (see
+    ``_factor_one_head``), o's columns only the value features, as a merge ``[..., 1, D] -> [..., D]`` drops the 1.
+    The mark names the node, so the head and the features of one attention pair up."""
+    t = ctx.table
+    atoms = [d[0] for d in heads if len(d) == 1]
+    if not atoms:
+        return
+    for a in atoms[1:]:
+        t.unify_atoms(atoms[0], a)
+    mark = f"{ONE_HEAD}{ctx.node.name}"
+    t.find(atoms[0]).marks.add(mark)
+    for d in features:
+        t.mark(d, mark)
 
 
 @register(aten.bmm)
@@ -708,11 +743,14 @@ def _einsum(ctx: RuleContext) -> Value:
     lhs, rhs = eq.replace(" ", "").split("->")
     letters: dict[str, Dim] = {}
     used: list[dict[str, Dim]] = []  # per operand: its letters of size > 1
+    ones: list[dict[str, Dim]] = []  # per operand: its letters of size 1
     for spec, x in zip(lhs.split(","), operands):
         dims, shape = ctx.dims(x) or [], ctx.shape_of(x)
         used.append({})
+        ones.append({})
         for ch, d, s in zip(spec, dims, shape):
             if s == 1:
+                ones[-1][ch] = d
                 continue
             used[-1][ch] = d
             if ch in letters:
@@ -724,6 +762,12 @@ def _einsum(ctx: RuleContext) -> Value:
         # "bhlk,bhtk->bhlt" scores, "bhlt,bhtv->bhlv" mixing): the shared output letters are its heads
         a, b = used
         batch = [ch for ch in a if ch in b and ch in rhs]
+        # a letter of size 1 in both operands and the output: a one-head attention's head (CvT's h)
+        for ch, d in ones[0].items():
+            if ch in ones[1] and ch in rhs and ch not in letters and (e := _link_size_one(ctx, d, ones[1][ch])):
+                letters[ch] = e
+                a[ch], b[ch] = d, ones[1][ch]
+                batch.append(ch)
         if batch:
             _mark_attention_product(
                 ctx, [letters[ch] for ch in batch], [a[ch] for ch in batch], [b[ch] for ch in batch],
@@ -935,6 +979,8 @@ def _sdpa(ctx: RuleContext) -> Value:
             ctx.unify(qd[-3], tuple(kd[-3]) + (group,))
         for d in (qd[-3], kd[-3]):
             t.mark(d, "head")
+        if hq == hk == 1:
+            _one_head(ctx, [qd[-3], kd[-3], vd[-3]], [vd[-1]])
         # batch dims broadcast like elementwise ops
         for i in range(len(qd) - 3):
             ctx.unify(qd[i], kd[i])
@@ -970,7 +1016,24 @@ def _sdpa(ctx: RuleContext) -> Value:
 )
 def _reshape(ctx: RuleContext) -> Value:
     x = ctx.tensor_args()[0]
-    return ctx.table.reshape(ctx.dims(x) or [], ctx.out_shape())
+    out = ctx.table.reshape(ctx.dims(x) or [], ctx.out_shape())
+    _factor_one_head(ctx.table, out)
+    return out
+
+
+def _factor_one_head(t: SpaceTable, out: list[Dim]) -> None:
+    """``[..., C] -> [..., 1, C]`` views C as one head of C features, as ``[..., 2C] -> [..., 2, C]`` views it as two
+    heads: C becomes the product ``1 x C``. The size-1 factor is the object attention rules then tag (q, k, v) and
+    mark as the head, so the rows of a one-head attention keep a head inside them as with any head count (without
+    it q and k rows are one undivided space, and RoPE ties q's to k's). A size-1 space has only the identity
+    permutation, so the factoring adds no constraint."""
+    if len(out) < 2 or t.size(out[-2]) != 1 or len(out[-1]) != 1:
+        return
+    r = t.find(out[-1][0])
+    if r.ref is not None or not isinstance(r.size, int) or r.size == 1:
+        return
+    head, inner = t.refine(r, "prod", [1, r.size])  # type: ignore[misc]
+    out[-2], out[-1] = (head,), (inner,)
 
 
 @register(*_packets("transpose", "transpose_copy"))
