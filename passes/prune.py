@@ -288,6 +288,17 @@ def _select(plans: list[_GroupPlan], scores: dict[str, torch.Tensor], ratios: di
         kind_scores = [scores[p.group.name] for p in ps]
         if cfg.scope == "per_layer":
             counts = [_n_remove(r, p.group.num_units) for p in ps]
+            # a group no larger than keep_min (a one-head stage) has nothing to give: it stays whole, and the
+            # ratio applies to the groups that can meet it
+            whole = [p.group.name for p, n in zip(ps, counts) if n and p.group.num_units <= cfg.keep_min]
+            if whole:
+                counts = [0 if p.group.name in whole else n for p, n in zip(ps, counts)]
+                warnings.warn(
+                    f"prune keeps the {kind} group(s) {whole[:4]}{' ...' if len(whole) > 4 else ''} whole: each has "
+                    f"no more than keep_min={cfg.keep_min} unit(s). The other {kind} groups are pruned at ratio {r}.",
+                    UnitsKeptWarning,
+                    stacklevel=3,
+                )
             for p, n in zip(ps, counts):
                 if p.group.num_units - n < cfg.keep_min:
                     raise ConfigError(
@@ -570,7 +581,8 @@ class NothingPrunedWarning(SparsifyWarning):
 
 class UnitsKeptWarning(SparsifyWarning):
     """Some groups keep all their units because the model did not run (or changed its function) with them pruned,
-    e.g. a module that computes a size from a value the pass cannot update; the rest of the model is pruned."""
+    e.g. a module that computes a size from a value the pass cannot update, or because a group has no more than
+    ``keep_min`` units (a one-head attention stage); the rest of the model is pruned."""
 
 
 class HeadsKeptWarning(UnitsKeptWarning):

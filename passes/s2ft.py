@@ -375,6 +375,24 @@ def _in_conv(model: nn.Module, m: Member) -> bool:
     return is_conv(get_module(model, split_fqn(m.fqn)[0]))
 
 
+def _one_head_group_per_attention(groups: list[Group]) -> list[Group]:
+    """The head group each attention of one layer index trains through: the one that carries v (kv heads under
+    GQA), which moves q, k, v and o together. One per attention, not per layer index: an index can hold several
+    (every stage's block 0 of a multi-stage vision model; an encoder-decoder's self- and cross-attention). Two
+    groups are the same attention when they share a projection dim (GQA's query heads inside its kv heads)."""
+    heads = sorted((g for g in groups if g.kind in ("attention_heads", "kv_heads")),
+                   key=lambda g: (g.kind != "kv_heads", g.name))
+    chosen: list[Group] = []
+    taken: set[tuple[str, int]] = set()
+    for g in heads:
+        dims = {(m.fqn, m.dim) for m in g.members if m.role in ("in", "out")}
+        if dims & taken:
+            continue
+        chosen.append(g)
+        taken |= dims
+    return chosen
+
+
 def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Unit]:
     units: list[Unit] = []
     found = {"attention": set(), "ffn": set(), "conv": set()}
@@ -386,10 +404,7 @@ def _plan(report: CouplingReport, model: nn.Module, cfg: S2FTConfig) -> list[Uni
     for layer, groups in by_layer.items():
         if cfg.layers is not None and layer not in cfg.layers:
             continue
-        heads = [g for g in groups if g.kind in ("attention_heads", "kv_heads")]
-        # the head group that carries v (kv heads under GQA) moves q, k, v and o together
-        heads.sort(key=lambda g: (g.kind != "kv_heads", g.name))
-        for g in heads[:1]:
+        for g in _one_head_group_per_attention(groups):
             projs = _projections_of(g)
             parts = _locate_fused_v(report, g, projs)
             if parts:

@@ -377,3 +377,22 @@ def test_normalised_channel_space_is_pruned_only_when_asked():
     with torch.no_grad():
         assert _out(model(IDS)).shape == (2, 8, 64)
     sparsify_fx.analyze(model, (IDS,))
+
+
+def test_a_group_no_larger_than_keep_min_stays_whole_and_the_others_prune():
+    # a one-head stage (SegFormer's first) has no head to give at ratio 0.5: it stays whole with a warning instead
+    # of failing the model; the two-head stage loses one
+    from transformers import SegformerConfig, SegformerModel
+
+    from sparsify_fx.passes.prune import UnitsKeptWarning
+
+    cfg = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                          patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2])
+    torch.manual_seed(0)
+    model = SegformerModel(cfg).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UnitsKeptWarning, match=r"stages\.0\.blocks\.0\.attention.*keep_min=1"):
+        pruned = sparsify_fx.prune(copy.deepcopy(model), (x,), PruneConfig(ratio={"attention_heads": 0.5}))
+    q = [pruned.get_submodule(f"stages.{i}.blocks.0.attention.q_proj").out_features for i in range(2)]
+    assert q == [8, 8]  # stage 0 kept its one head of 8; stage 1 went from two heads of 8 to one
+    assert pruned(x).last_hidden_state.shape == model(x).last_hidden_state.shape

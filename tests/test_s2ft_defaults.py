@@ -286,3 +286,39 @@ def test_default_config_trains_the_default_projections_that_exist():
     assert rel_err(model(x).detach(), ref) < 1e-5
     with pytest.raises(ConfigError, match="do not exist"):  # an explicit list is taken literally
         sparsify_fx.s2ft(_NoOutputProjection(), (x,), S2FTConfig(attention=("v", "o", "q"), progress=False))
+
+
+def _bart() -> nn.Module:
+    from transformers import BartConfig, BartModel
+
+    cfg = BartConfig(vocab_size=128, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return BartModel(cfg).eval()
+
+
+def test_every_attention_of_a_layer_index_trains_encoder_decoder_self_and_cross():
+    # one layer index holds three attentions here (encoder self, decoder self, decoder cross): each trains its
+    # heads. Before, one head group per layer index was taken, so only the decoder's cross-attention trained
+    model = _bart()
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS}
+    ref = model(**inputs).last_hidden_state
+    tuned = s2ft(copy.deepcopy(model), inputs, S2FTConfig(ffn=()))
+    assert rel_err(tuned(**inputs).last_hidden_state, ref) <= 1e-5
+    trained = {n.rsplit(".", 3)[0] for n, p in tuned.named_parameters() if p.requires_grad}
+    expected = {f"{side}.layers.{i}.{attn}" for i in range(2)
+                for side, attn in (("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn"))}
+    assert trained == expected, sorted(trained)
+
+
+def test_every_stage_of_a_multi_stage_vision_model_trains_its_heads():
+    from transformers import SegformerConfig, SegformerModel
+
+    cfg = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                          patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2])
+    torch.manual_seed(0)
+    model = SegformerModel(cfg).eval()
+    tuned = s2ft(copy.deepcopy(model), (PIXELS,), S2FTConfig(ffn=()))
+    assert rel_err(tuned(PIXELS).last_hidden_state, model(PIXELS).last_hidden_state) <= 1e-5
+    trained = {n.split(".attention.")[0] for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trained == {"stages.0.blocks.0", "stages.1.blocks.0"}, sorted(trained)
