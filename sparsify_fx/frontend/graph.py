@@ -33,7 +33,8 @@ class TracedGraph:
 
     graph_module: torch.fx.GraphModule
     inputs: dict[str, InputInfo]
-    source: Literal["export", "dynamo", "aot"]
+    # "eager": one eager run recorded op by op (trace.py), where dynamo would lose part of the model
+    source: Literal["export", "dynamo", "aot", "eager"]
     exported_program: torch.export.ExportedProgram | None = field(default=None, repr=False)
     # AOT forward graphs also return saved activations; only the first N outputs are the user's
     num_user_outputs: int | None = None

@@ -397,7 +397,7 @@ def _trace_eagerly(model: torch.nn.Module, args: tuple, kwargs: dict) -> TracedG
         outs = [rec.node_of(t) for t in _leaves(out) if isinstance(t, torch.Tensor)]
     g.output(tuple(outs))
     gm = torch.fx.GraphModule(torch.nn.Module(), g)
-    return TracedGraph(gm, inputs, "eager", tied=tied_names(state))  # type: ignore[arg-type]
+    return TracedGraph(gm, inputs, "eager", tied=tied_names(state))
 
 
 def _raised_by_model(exc: BaseException) -> bool:
