@@ -357,12 +357,26 @@ _ATTN_WRAPPER = re.compile(r"(Layer|Block|Stage|Encoder|Decoder|Model)$")
 _FFN = re.compile(r"MLP|FeedForward|FFN|FF$|Intermediate|Experts?$|MoE|Moe|DenseActDense|DenseGatedActDense", re.I)
 
 
+# the family prefix of a model's classes: "Qwen2MoeModel" -> "Qwen2Moe", "JetMoeForCausalLM" -> "JetMoe"
+_FAMILY = re.compile(r"^(\w+?)(Model|LMHeadModel|For[A-Z]\w*|Encoder|Decoder)$")
+
+
+def _family(model: nn.Module) -> str:
+    m = _FAMILY.match(type(model).__name__)
+    return m.group(1) if m else ""
+
+
 def _outermost(model: nn.Module, pattern: re.Pattern, exclude: re.Pattern | None = None,
                inside: list[str] | None = None) -> list[str]:
-    """FQNs of the outermost modules whose class name matches and that hold a 2-D+ parameter."""
+    """FQNs of the outermost modules whose class name matches and that hold a 2-D+ parameter. The family prefix
+    is not part of the name matched: every class of NLLB-MoE starts "NllbMoe", which says nothing about the module
+    (its word embedding and its decoder layers are no FFN)."""
     found: list[str] = []
+    family = _family(model)
     for name, mod in model.named_modules():
         cls = type(mod).__name__
+        if family and cls.startswith(family) and len(cls) > len(family):
+            cls = cls[len(family):]
         if not name or not pattern.search(cls) or (exclude is not None and exclude.search(cls)):
             continue
         if any(name.startswith(p + ".") for p in found + (inside or [])):
@@ -893,6 +907,7 @@ class Record:
     symmetry_dtype: str = ""
     symmetry_note: str = ""
     symmetry_max_err: float = 0.0  # largest output change over the sound groups: the margin below the tolerance
+    symmetry_redrawn: str = ""  # the groups checked again with every parameter redrawn: "checked" or why not
     s2ft: str = Outcome.SKIPPED.value
     s2ft_error: str = ""
     s2ft_trainable: int = 0
@@ -933,7 +948,6 @@ def _reason_key(reason: str) -> str:
 
 def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Record, seed: int) -> None:
     """Permute every group at random (then back); record the groups whose permutation moves an output."""
-    from sparsify_fx import permute
     from sparsify_fx.frontend.trace import tracing_friendly
 
     model = make()
@@ -961,6 +975,47 @@ def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Reco
         rec.symmetry_note = "outputs differ between two identical runs; symmetry not checked"
         return
     g = torch.Generator().manual_seed(seed)
+    m = _check_groups(m, x, ref, report, tol, rec, g, lambda: make().to(dtype), "")
+    # At init some parameters are zero or one (gates, residual scales, sinks, norm temperatures) and switch parts of
+    # the model off, so a wrong group there moves nothing: check every group again with every parameter redrawn
+    # (seeded), a function the analysis must hold for as well
+    redraw_parameters(m, seed)
+    with torch.no_grad(), tracing_friendly(m):
+        ref, again = float_outputs(m(**x)), float_outputs(m(**x))
+    if not all(torch.isfinite(t).all() for t in ref) or _max_rel(ref, again) > tol:
+        rec.symmetry_redrawn = "not checked: the outputs with redrawn parameters are not finite or not repeatable"
+        return
+    _check_groups(m, x, ref, report, tol, rec, g, lambda: redraw_parameters(make().to(dtype), seed), " (redrawn)")
+    rec.symmetry_redrawn = "checked"
+
+
+def redraw_parameters(model: nn.Module, seed: int) -> nn.Module:
+    """Every floating parameter drawn anew, in place (seeded): weights of 2+ dims ~ N(0, 1/fan_in), vectors ~
+    N(1, 0.25) for names ending in ``weight``/``scale``/``gamma`` (norm gains) and N(0, 0.25) otherwise (biases,
+    gates, sinks), so nothing is left at an init value that happens to switch a path off. Returns ``model``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point() or p.numel() == 0:
+                continue
+            z = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if p.dim() >= 2:
+                z /= math.sqrt(max(p[0].numel(), 1))
+            elif re.search(r"(weight|scale|gamma)$", name):
+                z = 1 + 0.5 * z
+            else:
+                z = 0.5 * z
+            p.copy_(z.to(p.dtype))
+    return model
+
+
+def _check_groups(m: nn.Module, x: dict[str, torch.Tensor], ref: list[torch.Tensor], report: Any, tol: float,
+                  rec: Record, g: torch.Generator, remake: Any, label: str) -> nn.Module:
+    """Permute each group at random, run, permute back: a group whose permutation moves ``ref`` beyond ``tol`` is
+    recorded broken. Returns the model (remade where a permutation raised)."""
+    from sparsify_fx import permute
+    from sparsify_fx.frontend.trace import tracing_friendly
+
     for grp in report.groups:
         perm = torch.randperm(grp.num_units, generator=g)
         try:
@@ -969,14 +1024,15 @@ def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Reco
                 out = float_outputs(m(**x))
             permute(m, grp, torch.argsort(perm))
         except Exception as exc:  # noqa: BLE001 - a group that cannot even be applied is broken too
-            rec.broken_groups.append(f"{grp.name}: {_err(exc)}")
-            m = make().to(dtype)
+            rec.broken_groups.append(f"{grp.name}{label}: {_err(exc)}")
+            m = remake()
             continue
         err = _max_rel(out, ref)
         if err > tol:
-            rec.broken_groups.append(f"{grp.name} ({grp.kind}): rel err {err:.1e}")
+            rec.broken_groups.append(f"{grp.name} ({grp.kind}){label}: rel err {err:.1e}")
         else:
             rec.symmetry_max_err = max(rec.symmetry_max_err, err)
+    return m
 
 
 def _s2ft(make: Any, inputs: dict[str, torch.Tensor], rec: Record) -> None:
