@@ -756,7 +756,10 @@ def attach_adapters(model: nn.Module, adapters: Mapping[str, Adapter]) -> nn.Mod
     batch. Without ``adapter_names`` the model is the base. Rows named ``"__base__"`` get no delta. The model keeps
     each adapter's own delta tensors (cast only if the base's device or dtype differ) and one stacked copy of them
     per layer (padded to the layer's widest adapter), so no call re-stacks them: memory grows by twice the compact
-    adapters, never by a weight. Calling it on a model already serving adds to what it serves.
+    adapters, never by a weight. It also keeps the index tensors of its last 8 batch layouts (``adapter_names``
+    seen, so decode steps build none; for a few tokens a row, about batch × tokens × in_features int32 values per
+    distinct stack layout), dropped whenever an adapter comes or goes. Calling it on a model already serving adds
+    to what it serves.
 
     Every adapter is checked against the model first (the fingerprint check of :func:`apply_adapter`, names free);
     an error raises before anything is installed, and any failure while installing rolls everything back.
