@@ -678,12 +678,17 @@ def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tenso
     params = inspect.signature(model.forward).parameters
     wanted = [n for n in FEATURE_INPUTS if n in params and n not in inputs]
     streams = [n for n in params if _STREAM.match(n) and n not in inputs]
-    if "input_ids" not in inputs or not (wanted or streams):
-        raise LookupError("the forward takes no feature input (pixel_values, input_features, input_values) "
-                          "nor a second token stream besides token ids")
+    # a decoder built to sit on an encoder it does not own (TrOCR's) runs its cross-attention only on encoder states
+    cross = "encoder_hidden_states" not in inputs and _takes_encoder_states(model)
+    if "input_ids" not in inputs or not (wanted or streams or cross):
+        raise LookupError("the forward takes no feature input (pixel_values, input_features, input_values), "
+                          "second token stream or encoder_hidden_states besides token ids")
     g = torch.Generator().manual_seed(2)
     out: dict[str, Any] = dict(inputs)
     notes = []
+    if cross:
+        out["encoder_hidden_states"] = _encoder_states(config, g)
+        notes.append("encoder_hidden_states")
     for name in streams:
         word = _STREAM.match(name).group(1)
         sub = next((getattr(config, n) for n in getattr(config, "sub_configs", {}) or {}
@@ -753,12 +758,28 @@ def tower_roots(model: nn.Module, read: set[str], unreached: list[str]) -> list[
         if not any(u == name or u.startswith(name + ".") for u in unreached):
             continue
         params = [f"{name}.{n}" for n, _ in mod.named_parameters()]
-        if not params or read.intersection(params):
+        # a model the parent runs without encoder states (BLIP's text model under BlipModel) leaves exactly its
+        # cross-attention unread: it counts as a tower too, run with encoder states (tower_inputs)
+        if not params or (read.intersection(params) and not _takes_encoder_states(mod)):
             continue
         if hasattr(mod, "config") and hasattr(mod.config, "to_dict") and isinstance(
                 getattr(mod, "main_input_name", None), str):
             roots.append(name)
     return roots
+
+
+def _takes_encoder_states(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a decoder that reads encoder states it does not compute (a forward argument)."""
+    config = getattr(mod, "config", None)
+    return ("encoder_hidden_states" in inspect.signature(mod.forward).parameters
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def _encoder_states(config: Any, g: torch.Generator | None = None) -> torch.Tensor:
+    """Random encoder states as wide as ``config``'s cross-attention reads (its own hidden size where unnamed)."""
+    width = next((getattr(config, k) for k in ("encoder_hidden_size", "cross_attention_hidden_size", "hidden_size",
+                                              "d_model") if isinstance(getattr(config, k, None), int)), HIDDEN)
+    return torch.randn(BATCH, SEQ, width, generator=g if g is not None else torch.Generator().manual_seed(3))
 
 
 def tower_inputs(tower: nn.Module) -> dict[str, torch.Tensor]:
@@ -791,6 +812,8 @@ def tower_inputs(tower: nn.Module) -> dict[str, torch.Tensor]:
         else:
             raise LookupError(f"{type(tower).__name__}.forward takes no {main} nor any of {FEATURE_INPUTS}")
     x = inputs[main]
+    if _takes_encoder_states(tower):
+        inputs["encoder_hidden_states"] = _encoder_states(tower.config)
     if f"{main}_mask" in params:  # optional in the signature, read unconditionally (AudioFlamingo3's encoder)
         inputs[f"{main}_mask"] = torch.ones(x.shape[0], x.shape[-1], dtype=torch.long)
     for name, p in params.items():

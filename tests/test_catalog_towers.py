@@ -140,12 +140,24 @@ def test_conv_ffn_and_additive_attention(coverage_only):
     assert rec.full_coverage and rec.broken_groups == []
 
 
+def test_a_model_run_without_encoder_states_is_analysed_apart_with_them(coverage_only):
+    # BlipModel never passes image states to its text model, whose self-attention runs and whose cross-attention
+    # does not: the text model is analysed apart, with encoder states, and covers both
+    rec = catalog.run_model("blip")
+    assert [t["module"] for t in rec.towers] == ["text_model"], rec.towers
+    assert "encoder_hidden_states" in rec.towers[0]["inputs"] and rec.towers[0]["unreached"] == 0
+    assert rec.unreached == [] and rec.attention_layers == [6, 6] and rec.full_coverage
+    assert rec.broken_groups == []
+
+
 def test_unreached_modules_are_listed_and_in_the_table(tmp_path, coverage_only):
-    rec = catalog.run_model("blip")  # BlipModel never passes image states to its text encoder's cross-attention
-    assert rec.unreached == ["text_model.encoder.layer.0.crossattention", "text_model.encoder.layer.1.crossattention"]
-    assert rec.attention_layers == [4, 6] and not rec.full_coverage
+    # MiniCPM-V 4.6's vision tower reads packed patches with their grid sizes (target_sizes), which the generator
+    # does not make: the tower analysed apart fails, and its modules are listed unreached, not dropped
+    rec = catalog.run_model("minicpmv4_6")
+    assert "vision_tower.encoder.layers.0.self_attn" in rec.unreached and "merger.mlp.0" in rec.unreached
+    assert rec.towers and rec.towers[0]["module"] == "vision_tower" and rec.towers[0]["error"]
+    assert not rec.full_coverage
     summary = catalog.write_results([rec], tmp_path)
-    assert summary["unreached_modules"] == [2, 1]
+    assert summary["unreached_modules"] == [len(rec.unreached), 1]
     md = (tmp_path / "catalog.md").read_text()
-    assert "| blip | yes | 4/6 | 4/4 |  | 2 |" in md
-    assert "- unreached (2): `text_model.encoder.layer.0.crossattention`" in md
+    assert f"- unreached ({len(rec.unreached)}): `" in md and "vision_tower.encoder.layers.0.self_attn" in md
