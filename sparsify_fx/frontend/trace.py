@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsify_fx.errors import SparsifyWarning, TraceError
 from sparsify_fx.frontend.graph import InputInfo, TracedGraph, tied_names
+from sparsify_fx.oplib import define_op
 
 
 class TraceFallbackWarning(SparsifyWarning):
@@ -253,15 +254,10 @@ def _trace_with_dynamo(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
 
 
 # ---------------------------------------------------------------------------------------- eager capture
-@torch.library.custom_op("sparsify::read_into_python", mutates_args=())
+@define_op("read_into_python", fake=lambda x: None, autocast=())
 def read_into_python(x: torch.Tensor) -> None:
     """Stands, in an eagerly captured graph, for the model's Python reading a tensor's values (``tolist``,
     ``numpy``): nothing is computed; the analysis pins what was read, as for ``item``."""
-
-
-@read_into_python.register_fake
-def _(x: torch.Tensor) -> None:
-    return None
 
 
 def _meta(x: Any) -> Any:
