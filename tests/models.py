@@ -59,6 +59,41 @@ def check_groups_are_symmetries(model, inputs, report, grad_input=None, seed=0, 
             assert rel_err(gb, ga) <= tol, f"{grp.name} changed the input gradient"
 
 
+def ops_in_graph(model: nn.Module, inputs: tuple) -> set[str]:
+    """ATen packet names the exported graph calls: a test of a rule must reach that rule."""
+    from sparsify_fx.frontend.trace import trace
+
+    tg = trace(model, inputs)
+    return {
+        n.target.overloadpacket.__name__
+        for n in tg.graph.nodes
+        if n.op == "call_function" and hasattr(n.target, "overloadpacket")
+    }
+
+
+def analyse_float64(model: nn.Module, inputs: tuple, *ops: str, tol: float = 1e-9):
+    """Analyse ``model`` in float64 (in place) after checking that the graph reaches the rules under test (``ops``);
+    no op may lack a rule, and every group, permuted at random, must leave the outputs within ``tol`` (float64: a
+    wrong permutation errs at O(1)). Returns ``(model, inputs, report)`` in float64."""
+    import sparsify_fx
+
+    model = model.double().eval()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    if ops:
+        present = ops_in_graph(model, inputs)
+        for op in ops:
+            assert op in present, f"aten.{op} is not in the exported graph: the test misses its rule"
+    rep = sparsify_fx.analyze(model, inputs)
+    assert not rep.unruled_ops, rep.unruled_ops
+    check_groups_are_symmetries(model, inputs, rep, tol=tol)
+    return model, inputs, rep
+
+
+def kinds_of(rep, fqn: str, dim: int) -> set[str]:
+    """The kinds of the groups ``(fqn, dim)`` is a member of."""
+    return {g.kind for g in rep.groups for m in g.members if (m.fqn, m.dim) == (fqn, dim)}
+
+
 def llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -7,39 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from models import check_groups_are_symmetries
-
-import sparsify_fx
-from sparsify_fx.frontend.trace import trace
+from models import analyse_float64, kinds_of
 
 TOL = 1e-9  # float64: a wrong permutation errs at O(1)
 
 
-def ops_in_graph(model: nn.Module, inputs: tuple) -> set[str]:
-    tg = trace(model, inputs)
-    return {
-        n.target.overloadpacket.__name__
-        for n in tg.graph.nodes
-        if n.op == "call_function" and hasattr(n.target, "overloadpacket")
-    }
-
-
 def analyse(model: nn.Module, inputs: tuple, *ops: str):
-    """Analyse in float64 after checking that the graph reaches the rules under test; every group must be a
-    symmetry and no op may lack a rule."""
-    model = model.double().eval()
-    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    present = ops_in_graph(model, inputs)
-    for op in ops:
-        assert op in present, f"aten.{op} is not in the exported graph: the test misses its rule"
-    rep = sparsify_fx.analyze(model, inputs)
-    assert not rep.unruled_ops, rep.unruled_ops
-    check_groups_are_symmetries(model, inputs, rep, tol=TOL)
-    return rep
-
-
-def kinds_of(rep, fqn: str, dim: int) -> set[str]:
-    return {g.kind for g in rep.groups for m in g.members if (m.fqn, m.dim) == (fqn, dim)}
+    return analyse_float64(model, inputs, *ops, tol=TOL)[2]
 
 
 def pinned(rep) -> set[tuple[str, int]]:

@@ -7,25 +7,13 @@ import models
 import pytest
 import torch
 import torch.nn.functional as F
-from models import check_groups_are_symmetries
+from models import analyse_float64
 
-import sparsify_fx
 from sparsify_fx.analysis.rules import ALIASES, RULES, register, register_alias, rule_for
 from sparsify_fx.errors import AnalysisError
-from sparsify_fx.frontend.trace import trace
 
 aten = torch.ops.aten
 TOL = 1e-9  # float64: a wrong permutation errs at O(1)
-
-
-def ops_in_graph(model: torch.nn.Module, inputs: tuple) -> set[str]:
-    """ATen packet names the exported graph calls: a test of a rule must reach that rule."""
-    tg = trace(model, inputs)
-    return {
-        n.target.overloadpacket.__name__
-        for n in tg.graph.nodes
-        if n.op == "call_function" and hasattr(n.target, "overloadpacket")
-    }
 
 
 def members_of(report) -> dict[tuple[str, int], str]:
@@ -37,14 +25,7 @@ def pinned_members(report) -> set[tuple[str, int]]:
 
 
 def analyse(model: torch.nn.Module, inputs: tuple, op: str | None):
-    model = model.double().eval()
-    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    if op is not None:
-        assert op in ops_in_graph(model, inputs), f"aten.{op} is not in the exported graph: the test misses its rule"
-    rep = sparsify_fx.analyze(model, inputs)
-    assert not rep.unruled_ops, rep.unruled_ops
-    check_groups_are_symmetries(model, inputs, rep, tol=TOL)  # every group, permuted at random
-    return model, inputs, rep
+    return analyse_float64(model, inputs, *([op] if op else []), tol=TOL)
 
 
 # ---------------------------------------------------------------------- aliases
