@@ -94,6 +94,22 @@ def kinds_of(rep, fqn: str, dim: int) -> set[str]:
     return {g.kind for g in rep.groups for m in g.members if (m.fqn, m.dim) == (fqn, dim)}
 
 
+def load_catalog():
+    """``benchmarks/catalog.py`` as a module (benchmarks are scripts, not a package), loaded once per process."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "sparsify_catalog"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "catalog.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 

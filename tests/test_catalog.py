@@ -4,27 +4,15 @@ default configs, analysed, every group permuted, S²FT with defaults, prune at 0
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import models
 import pytest
 import torch
 
 import sparsify_fx
 
-
-def _load_catalog():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "catalog.py"
-    spec = importlib.util.spec_from_file_location("sparsify_catalog", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
-
-
-catalog = _load_catalog()
+catalog = models.load_catalog()
 
 # decoder with GQA + RoPE, fused interleaved qkv, MQA-style fused qkv with parallel attention, MoE with shared
 # expert, a vision transformer, a conv net with pointwise MLPs

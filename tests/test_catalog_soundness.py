@@ -11,11 +11,9 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
+import models
 import pytest
 import torch
 import torch.nn as nn
@@ -185,17 +183,10 @@ def test_rwkv_channels_are_a_symmetry_and_the_state_is_a_permuted_cache():
     assert rel_err(out.last_hidden_state, ref.last_hidden_state) < 1e-12
 
 
-def _load_catalog():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "catalog.py"
-    spec = importlib.util.spec_from_file_location("sparsify_catalog", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_catalog_symmetry_check_compares_the_analysed_function_on_rwkv():
-    catalog = _load_catalog()
+    catalog = models.load_catalog()
     model, ids = _rwkv()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

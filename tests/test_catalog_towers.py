@@ -5,26 +5,13 @@ groups, and attention modules that never split features into heads are not count
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import models
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _load_catalog():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "catalog.py"
-    spec = importlib.util.spec_from_file_location("sparsify_catalog_towers", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
-
-
-catalog = _load_catalog()
+catalog = models.load_catalog()
 
 
 @pytest.fixture

@@ -10,29 +10,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from models import check_groups_are_symmetries
+from models import check_groups_are_symmetries, load_catalog
 
 import sparsify_fx
 from sparsify_fx.passes.s2ft import S2FTLinear
 
-
-def _load_catalog():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "catalog.py"
-    spec = importlib.util.spec_from_file_location("sparsify_catalog_vision", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
-
-
-catalog = _load_catalog()
+catalog = load_catalog()
 
 
 class MixFFN(nn.Module):
