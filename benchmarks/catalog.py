@@ -73,6 +73,8 @@ GENERIC: dict[str, Any] = {
     "max_source_positions": 16,  # Whisper-style encoders expect exactly 2 * max_source_positions frames
     "max_target_positions": POSITIONS,
 }
+# fields that name one layer of the stack by index (MiniCPM-V's vision merger goes after layer 6 of 27)
+LAYER_INDEX_FIELDS = ("insert_layer_id",)
 
 # Per-family corrections where the generic fields do not give a runnable small model.
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -95,6 +97,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v4": {"o_groups": 2, "o_lora_rank": 16, "q_lora_rank": 32, "index_n_heads": 4, "index_head_dim": 16},
     # a 512-token window pads the 8 sampled tokens to 512 in one chunk; a window of 4 runs the overlapping chunks
     "led": {"attention_window": 4},
+    # MiniCPM-o defaults to "4x" image tokens, which skips its vision tower's window-attention merger; "16x" (the
+    # other mode its forward takes, MiniCPM-V 4.6's default) runs it, so that its heads are analysed too
+    "minicpm_ocr": {"downsample_mode": "16x"},
     # the sliding layers have their own head fields (48 x 128 by default), and the relative bias a 1024-wide table
     "inkling2_text": {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
                       "rel_extent": 16, "sliding_window_size": 16},
@@ -148,6 +153,12 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
             kw[key] = HEADS
     if isinstance(present.get("rotary_dim"), int):  # partial rotary within the shrunk head
         kw["rotary_dim"] = min(present["rotary_dim"], HEAD_DIM)
+    # a layer named by index must lie inside the shrunk stack, or it never runs; a composite config names it too
+    # (MiniCPM-V copies its own insert_layer_id into the vision config), beside sub-configs shrunk to LAYERS
+    layers = kw.get("num_hidden_layers", LAYERS)
+    for key in LAYER_INDEX_FIELDS:
+        if isinstance(layers, int) and isinstance(present.get(key), int) and present[key] >= layers:
+            kw[key] = layers - 1
     if isinstance(present.get("layer_types"), list) and len(present["layer_types"]) > LAYERS:
         # hybrid stacks list every layer explicitly: keep the first ones, but with every kind of layer the full
         # stack has (OLMo-Hybrid's first layers are all linear attention, and its config refuses a stack without
@@ -536,6 +547,7 @@ def layer_coverage(model: nn.Module, report: Any, tg: Any = None) -> dict[str, l
 # ---------------------------------------------------------------------- towers the generic inputs do not reach
 _PLACEHOLDER = re.compile(r"^(image|audio)_token_(id|index)$")
 _MODALITY = {"pixel_values": "image", "input_features": "audio", "input_values": "audio"}
+_MM_TOKEN_TYPE = {"image": 1}  # the processors' mm_token_type_ids: 0 text, 1 image, 2 video
 _SUBCONFIG_WORDS = {"image": ("vision", "image"), "audio": ("audio",)}
 _SUBCONFIG_FIELDS = {"image": ("image_size", "num_channels"), "audio": ("num_mel_bins", "feature_size", "input_dim")}
 
@@ -618,6 +630,10 @@ def _tower_config(config: Any, modality: str) -> Any:
 def _feature_rows(out: Any) -> int:
     """Rows a ``get_<modality>_features`` result scatters into placeholder positions (all but the last dim)."""
     t = out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, list | tuple) and pooled and all(isinstance(p, torch.Tensor) for p in pooled):
+        # one tensor per image (MiniCPM-V's merger), concatenated before the scatter
+        return sum(math.prod(p.shape[:-1]) for p in pooled)
     if not isinstance(t, torch.Tensor):
         for key in ("pooler_output", "last_hidden_state"):
             value = getattr(out, key, None)
@@ -642,6 +658,34 @@ def with_channel(inputs: dict[str, Any]) -> dict[str, Any] | None:
 
 
 _STREAM = re.compile(r"^(?!decoder_)(\w+)_input_ids$")
+# forward arguments giving each image's patch grid, (rows, cols), for NaViT-packed pixel_values
+GRID_ARGS = ("target_sizes",)
+
+
+def packed_patches(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaViT-packed patches of a batch of images and each image's patch grid.
+
+    Args:
+        images: ``[batch, channels, height, width]``.
+        patch: the vision config's ``patch_size``.
+
+    Returns:
+        ``(packed, grid)``: ``[1, channels, patch, batch * rows * cols * patch]``, every patch side by side along the
+        last dim (image-major, row-major), so a stride-``patch`` convolution reads one patch per column; and the
+        ``[batch, 2]`` int32 grid ``(rows, cols)`` per image.
+
+    Example::
+
+        x, sizes = packed_patches(torch.randn(2, 3, 32, 32), 8)   # [1, 3, 8, 256], [[4, 4], [4, 4]]
+    """
+    if images.dim() != 4 or patch <= 0 or min(images.shape[-2:]) < patch:
+        raise ValueError(f"cannot pack images of shape {tuple(images.shape)} into {patch}-pixel patches: pass "
+                         "[batch, channels, height, width] with height and width at least the patch size")
+    b, c, h, w = images.shape
+    rows, cols = h // patch, w // patch
+    x = images[:, :, :rows * patch, :cols * patch].reshape(b, c, rows, patch, cols, patch)
+    packed = x.permute(1, 3, 0, 2, 4, 5).reshape(1, c, patch, b * rows * cols * patch)
+    return packed, torch.tensor([[rows, cols]] * b, dtype=torch.int32)
 
 
 def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tensor],
@@ -654,7 +698,9 @@ def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tenso
     ...), as many placeholder tokens before the text as the model's own ``get_<modality>_features`` returns rows
     (called with all-ones masks where it requires them), so its placeholder check and scatter line up. A second
     token stream the forward takes (``protein_input_ids``) gets ids of its sub-config's vocabulary and an all-ones
-    ``<stream>_attention_mask``.
+    ``<stream>_attention_mask``. A forward that takes a patch grid (:data:`GRID_ARGS`, MiniCPM-V's ``target_sizes``)
+    gets its images NaViT-packed (:func:`packed_patches`, also replacing generic ``pixel_values``) with their grid,
+    and one that takes ``mm_token_type_ids`` gets the modality label of every token (1 on image placeholders).
 
     Args:
         model: a multimodal model built from ``config`` (placeholder ids inside the vocabulary: see
@@ -676,7 +722,9 @@ def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tenso
         x, note = combined_inputs(model, cfg, {"input_ids": ids}); model(**x)
     """
     params = inspect.signature(model.forward).parameters
-    wanted = [n for n in FEATURE_INPUTS if n in params and n not in inputs]
+    grid = next((a for a in GRID_ARGS if a in params and a not in inputs), None)
+    # generic pixel_values without the grid the forward needs to read them (MiniCPM-V) are made again, packed
+    wanted = [n for n in FEATURE_INPUTS if n in params and (n not in inputs or (n == "pixel_values" and grid))]
     streams = [n for n in params if _STREAM.match(n) and n not in inputs]
     # a decoder built to sit on an encoder it does not own (TrOCR's) runs its cross-attention only on encoder states
     cross = "encoder_hidden_states" not in inputs and _takes_encoder_states(model)
@@ -702,13 +750,19 @@ def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tenso
         notes.append(" + ".join(added))
     placeholders = sorted(k for k in config.to_dict() if _PLACEHOLDER.match(k) and isinstance(getattr(config, k), int))
     prefix: list[torch.Tensor] = []
+    kinds: list[str] = []  # the modality of each prefix
     for name in wanted:
         modality = _MODALITY[name]
         x = feature_tensor(name, _tower_config(config, modality), g)
         if waveform_channel and name == "input_values" and x.dim() == 2:
             x = x.unsqueeze(1)
-        out[name] = x
         added = [name]
+        if name == "pixel_values" and grid:
+            patch = getattr(_tower_config(config, modality), "patch_size", None)
+            x, out[grid] = packed_patches(x, patch if isinstance(patch, int) else PATCH)
+            added[0] = f"{name} (packed patches)"
+            added.append(grid)
+        out[name] = x
         key = next((k for k in placeholders if k.startswith(modality)), None)
         if key is not None:
             getter = getattr(model, f"get_{modality}_features", None)
@@ -723,11 +777,12 @@ def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tenso
                     out[arg] = torch.ones(x.shape[0], x.shape[-1], dtype=torch.long)
                     added.append(arg)
             with torch.no_grad():
-                rows = _feature_rows(getter(**{k: out[k] for k in added if k in accepted}))
+                rows = _feature_rows(getter(**{k: out[k] for k in [name, *added] if k in accepted}))
             if rows % BATCH:
                 raise LookupError(f"get_{modality}_features returned {rows} rows for a batch of {BATCH}")
             token = getattr(config, key)
             prefix.append(torch.full((BATCH, rows // BATCH), token, dtype=torch.long))
+            kinds.append(modality)
             added.append(f"{rows // BATCH} {key} placeholders per row")
         notes.append(" + ".join(added))
     if prefix:
@@ -735,6 +790,13 @@ def combined_inputs(model: nn.Module, config: Any, inputs: dict[str, torch.Tenso
         used = {getattr(config, k) for k in placeholders}
         text[torch.isin(text, torch.tensor(sorted(used)))] = min(set(range(3, 3 + len(used) + 1)) - used)
         out["input_ids"] = torch.cat([*prefix, text], dim=1)
+        types = [_MM_TOKEN_TYPE.get(k) for k in kinds]
+        if "mm_token_type_ids" in params and "mm_token_type_ids" not in inputs and None not in types:
+            # the processor's modality label per token; M-RoPE models (MiniCPM-V 4.7) lay out image positions by it
+            out["mm_token_type_ids"] = torch.cat(
+                [torch.full_like(p, t, dtype=torch.int32) for p, t in zip(prefix, types, strict=True)]
+                + [torch.zeros_like(text, dtype=torch.int32)], dim=1)
+            notes.append("mm_token_type_ids")
     return out, "; ".join(notes)
 
 

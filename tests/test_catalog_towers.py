@@ -137,14 +137,70 @@ def test_a_model_run_without_encoder_states_is_analysed_apart_with_them(coverage
     assert rec.broken_groups == []
 
 
-def test_unreached_modules_are_listed_and_in_the_table(tmp_path, coverage_only):
-    # MiniCPM-V 4.6's vision tower reads packed patches with their grid sizes (target_sizes), which the generator
-    # does not make: the tower analysed apart fails, and its modules are listed unreached, not dropped
-    rec = catalog.run_model("minicpmv4_6")
-    assert "vision_tower.encoder.layers.0.self_attn" in rec.unreached and "merger.mlp.0" in rec.unreached
-    assert rec.towers and rec.towers[0]["module"] == "vision_tower" and rec.towers[0]["error"]
-    assert not rec.full_coverage
+class GridTower(nn.Module):  # a vision tower of its own whose forward needs a patch grid nobody generates
+    main_input_name = "pixel_values"
+
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+        self.attn = ToyAttention()
+
+    def forward(self, pixel_values, grid):
+        return self.attn(pixel_values.flatten(2).transpose(1, 2)[..., :16])
+
+
+class ToyWithTower(Toy):
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+        self.spare = GridTower()
+
+
+def test_unreached_modules_are_listed_and_in_the_table(tmp_path, coverage_only, monkeypatch):
+    # the tower analysed apart fails (its forward requires an argument the generator does not make), and its
+    # modules are listed unreached, not dropped
+    monkeypatch.setattr(catalog, "build", lambda model_type, seed=0, config=None: (
+        ToyWithTower().eval(), {"x": torch.randn(2, 5, 16)}))
+    rec = catalog.run_model("toy")
+    assert rec.analysed, rec.analysis_error
+    assert rec.combined_inputs.startswith("not used: LookupError"), rec.combined_inputs
+    assert rec.unreached == ["spare.attn"]
+    assert [(t["module"], t["class"]) for t in rec.towers] == [("spare", "GridTower")]
+    assert "requires 'grid'" in rec.towers[0]["error"] and rec.towers[0]["unreached"] == 1
+    assert not rec.full_coverage and rec.attention_layers == [1, 2] and rec.broken_groups == []
     summary = catalog.write_results([rec], tmp_path)
-    assert summary["unreached_modules"] == [len(rec.unreached), 1]
+    assert summary["unreached_modules"] == [1, 1]
     md = (tmp_path / "catalog.md").read_text()
-    assert f"- unreached ({len(rec.unreached)}): `" in md and "vision_tower.encoder.layers.0.self_attn" in md
+    assert "- unreached (1): `spare.attn`" in md
+
+
+@pytest.mark.parametrize("model_type", ["minicpmv4_6", "minicpmv4_7"])
+def test_packed_patches_drive_the_vision_tower_through_the_model(model_type, coverage_only):
+    # MiniCPM-V's tower reads NaViT-packed patches with each image's grid (target_sizes); 4.7's M-RoPE also needs
+    # mm_token_type_ids. Packed, the tower, its window merger and the model's merger all run in the model's forward
+    rec = catalog.run_model(model_type)
+    assert rec.inputs[:3] == ["input_ids", "pixel_values", "target_sizes"], rec.combined_inputs
+    assert "packed patches" in rec.combined_inputs and "image_token_id placeholders" in rec.combined_inputs
+    assert rec.towers == [] and rec.unreached == [] and rec.full_coverage
+    assert rec.attention_layers == [4, 4] and rec.ffn_layers == [5, 5] and rec.broken_groups == []
+
+
+def test_packed_patches_read_one_patch_per_column():
+    images = torch.randn(2, 3, 16, 24)
+    packed, grid = catalog.packed_patches(images, 8)
+    assert packed.shape == (1, 3, 8, 2 * 2 * 3 * 8) and grid.tolist() == [[2, 3], [2, 3]]
+    conv = nn.Conv2d(3, 5, 8, stride=8)
+    expect = conv(images).flatten(2).transpose(1, 2).reshape(1, -1, 5)  # image-major, row-major patches
+    torch.testing.assert_close(conv(packed).flatten(2).transpose(1, 2), expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least the patch size"):
+        catalog.packed_patches(torch.randn(1, 3, 4, 4), 8)
+
+
+def test_a_layer_index_past_the_shrunk_stack_moves_inside_it():
+    cfg = catalog.small_config("minicpmv4_6")
+    assert cfg.vision_config.num_hidden_layers == catalog.LAYERS
+    assert cfg.insert_layer_id == cfg.vision_config.insert_layer_id == catalog.LAYERS - 1
