@@ -97,6 +97,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v4": {"o_groups": 2, "o_lora_rank": 16, "q_lora_rank": 32, "index_n_heads": 4, "index_head_dim": 16},
     # a 512-token window pads the 8 sampled tokens to 512 in one chunk; a window of 4 runs the overlapping chunks
     "led": {"attention_window": 4},
+    # to_dict lists each layer as (attention, "mlp") blocks with doubled counts, which the generic cut halves wrongly:
+    # one input, one recurrent and one output layer, given in the constructor's own form
+    "dory": {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+             "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
     # MiniCPM-o defaults to "4x" image tokens, which skips its vision tower's window-attention merger; "16x" (the
     # other mode its forward takes, MiniCPM-V 4.6's default) runs it, so that its heads are analysed too
     "minicpm_ocr": {"downsample_mode": "16x"},
@@ -1070,8 +1074,13 @@ def _symmetry(make: Any, inputs: dict[str, torch.Tensor], report: Any, rec: Reco
     if not all(torch.isfinite(t).all() for t in ref) or _max_rel(ref, again) > tol:
         rec.symmetry_redrawn = "not checked: the outputs with redrawn parameters are not finite or not repeatable"
         return
-    _check_groups(m, x, ref, report, tol, rec, g, lambda: redraw_parameters(make().to(dtype), seed), " (redrawn)")
-    rec.symmetry_redrawn = "checked"
+    # a float64 model that still computes parts in float32 (norms, softmax or RoPE upcast with .float(): the sound
+    # groups moved outputs by more than float64 rounding at init) has that float32 rounding amplified by the redrawn
+    # parameters (Dory: 2.8e-5 on a sound head_dim group): there the float32 tolerance applies
+    mixed = dtype == torch.float64 and rec.symmetry_max_err > 1e-12
+    tol2 = 1e-3 if mixed else tol
+    _check_groups(m, x, ref, report, tol2, rec, g, lambda: redraw_parameters(make().to(dtype), seed), " (redrawn)")
+    rec.symmetry_redrawn = f"checked (tolerance {tol2:g}{': parts run in float32' if mixed else ''})"
 
 
 def redraw_parameters(model: nn.Module, seed: int) -> nn.Module:
