@@ -9,6 +9,7 @@ import json
 import models
 import pytest
 import torch
+import torch.nn as nn
 
 import sparsify_fx
 
@@ -84,6 +85,41 @@ def test_a_group_that_is_not_a_symmetry_is_reported_broken():
     # reported twice: with the model's init and with every parameter redrawn
     assert len(rec.broken_groups) == 2 and all(b.startswith("up-only") for b in rec.broken_groups)
     assert "(redrawn)" in rec.broken_groups[1]
+
+
+class _ZeroGated(nn.Module):
+    """An FFN whose channels also feed a gate initialised to zero: at init the gate path computes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.gate = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        return self.down(h) + (h * self.gate).sum(-1, keepdim=True)
+
+
+def test_a_wrong_group_hidden_by_a_zero_init_is_caught_with_redrawn_parameters():
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(3, 4, generator=torch.Generator().manual_seed(1))}
+    report = sparsify_fx.analyze(_ZeroGated(), inputs)
+    ffn = report.by_kind("ffn_channels")[0]
+    assert {m.fqn for m in ffn.members} >= {"up.weight", "down.weight", "gate"}, ffn.members
+    # the group without its gate member is wrong, but only through the gate, which is zero at init
+    bad = dataclasses.replace(ffn, name="no-gate", members=[m for m in ffn.members if m.fqn != "gate"])
+    rec = catalog.Record("toy")
+
+    def make():
+        torch.manual_seed(0)
+        return _ZeroGated()
+
+    catalog._symmetry(make, inputs, dataclasses.replace(report, groups=[bad]), rec, seed=0)
+    assert len(rec.broken_groups) == 1 and rec.broken_groups[0].endswith(tuple("0123456789")), rec.broken_groups
+    assert "(redrawn)" in rec.broken_groups[0] and rec.symmetry_redrawn.startswith("checked")
+    rec = catalog.Record("toy")
+    catalog._symmetry(make, inputs, dataclasses.replace(report, groups=[ffn]), rec, seed=0)
+    assert rec.broken_groups == [] and rec.symmetry_redrawn == "checked (tolerance 1e-05)"
 
 
 def test_failures_are_recorded_not_raised():
