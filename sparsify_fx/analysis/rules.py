@@ -848,11 +848,8 @@ def _grouped_parts(t: Any, channels: Dim, groups: int) -> list[Any] | None:
     size = t.size(channels)
     if len(leaves) != 1 or not isinstance(size, int) or size // groups <= 1:
         return None
-    root = t.find(leaves[0])
-    if root.ref is None or root.ref.kind != "sum":
-        return None
-    parts = [t.find(c) for c in root.ref.children]
-    if not all(isinstance(p.size, int) and p.size % (size // groups) == 0 for p in parts):
+    parts = _sum_parts(t, (leaves[0],))
+    if parts is None or not all(isinstance(p.size, int) and p.size % (size // groups) == 0 for p in parts):
         return None
     return parts
 
