@@ -216,25 +216,30 @@ _COUNT_OPS = {
 }
 
 
+def _packet(node: torch.fx.Node) -> Any:
+    """The ATen overload packet a node calls (None for placeholders, getitem, Python callables)."""
+    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+
+
 def _is_routed_gather(node: torch.fx.Node, offs: torch.fx.Node) -> bool:
     """``w[ids]`` (GPT-OSS's per-row expert biases) where ``ids`` are sorted expert ids whose histogram's running
     sum is ``offs``: sorted, row ``s`` lies in ``[offs[e-1], offs[e])`` exactly when ``ids[s] == e``, so the row
     reads the slice of the expert whose weight the grouped GEMM gives it."""
-    if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.index:
+    if _packet(node) is not aten.index:
         return False
     indices = node.args[1] if len(node.args) > 1 else None
     if not isinstance(indices, list | tuple) or len(indices) != 1 or not isinstance(indices[0], torch.fx.Node):
         return False
     ids = indices[0]
     sort = ids.args[0] if ids.target is operator.getitem and ids.args[1] == 0 else None
-    if not isinstance(sort, torch.fx.Node) or getattr(sort.target, "overloadpacket", None) is not aten.sort:
+    if not isinstance(sort, torch.fx.Node) or _packet(sort) is not aten.sort:
         return False
     stack, seen = [offs], set()
     while stack:  # offs must be computed from ids through counting ops only
         n = stack.pop()
         if n is ids:
             return True
-        if n in seen or n.op != "call_function" or getattr(n.target, "overloadpacket", None) not in _COUNT_OPS:
+        if n in seen or _packet(n) not in _COUNT_OPS:
             continue
         seen.add(n)
         if isinstance(n.args[0], torch.fx.Node):
@@ -249,10 +254,6 @@ def _is_routed_gather(node: torch.fx.Node, offs: torch.fx.Node) -> bool:
 # ``select(weight, 0, e)`` per expert and the rows each slice meets are visible row spaces.
 _PRODUCTS = {aten.linear: (0, 1), aten.mm: (0, 1), aten.matmul: (0, 1), aten.addmm: (1, 2)}  # (rows, weight) args
 _LOOP_ROW_WISE = _ROW_WISE | {aten.cat}
-
-
-def _packet(node: torch.fx.Node) -> Any:
-    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
 
 
 def _row_wise(node: torch.fx.Node) -> bool:
