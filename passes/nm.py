@@ -267,10 +267,6 @@ class _MaskedMixin:
     def mask_oi(self) -> Tensor:
         return self.mask.t() if self._transposed else self.mask
 
-    def set_mask_oi(self, mask_oi: Tensor) -> None:
-        mask = mask_oi.to(device=self.weight.device, dtype=torch.bool)
-        self.mask = mask.t().contiguous() if self._transposed else mask
-
     @property
     def pruned_grad_scale(self) -> float:
         return pgf_scale(self.pgf_step, self.pgf_decay_steps, self.pgf_start)
