@@ -86,6 +86,12 @@ class LayerType:
         """Why ``module.<tensor>`` cannot keep ``kept[dim]`` entries along each ``dim`` (None: it can)."""
         return None
 
+    def keep_error(self, module: nn.Module, tensor: str, keep: Mapping[int, Tensor]) -> str | None:
+        """Why ``module.<tensor>`` cannot keep the entries ``keep[dim]`` (boolean masks) marks along each ``dim``
+        (None: it can). By default only the counts matter (:meth:`resize_error`); a type whose constraint is on
+        which entries stay (a grouped conv's per-group counts) overrides this."""
+        return self.resize_error(module, tensor, {d: int(mk.sum()) for d, mk in keep.items()})
+
 
 # ---------------------------------------------------------------------- registry
 _BY_TYPE: dict[type, LayerType] = {}
@@ -259,9 +265,28 @@ class ConvType(LayerType):
         fields.append(("in_channels", weight.shape[0] if t else in_ * groups))
         return fields
 
+    def keep_error(self, module: nn.Module, tensor: str, keep: Mapping[int, Tensor]) -> str | None:
+        # the analysis couples a grouped conv's channels as groups x per-group digits, so a conv-channel unit is a
+        # position inside every conv group and the ratio rounds per conv group: the masks must agree group by group
+        # (a group of whole conv groups, e.g. with prune_hidden, would change `groups`, which prune does not do)
+        w, out_keep = _weight(module), keep.get(0)
+        depthwise = _depthwise(module, w) and module.groups == w.shape[0]
+        if tensor == "weight" and out_keep is not None and module.groups > 1 and not depthwise:
+            inner = keep.get(1)
+            if inner is not None and int(inner.sum()) == 1 < inner.numel():
+                # one input channel per group would read as a depthwise conv when the sizes are rewritten
+                return (f"{type(module).__name__} with groups={module.groups} would keep 1 of {inner.numel()} "
+                        "channels per group; use a smaller ratio for conv_channels.")
+            per = out_keep.view(module.groups, -1).sum(1).tolist()
+            if len(set(per)) != 1 or per[0] == 0:
+                return (f"{type(module).__name__} with groups={module.groups} would keep {per} channels per group; "
+                        "a grouped convolution must keep the same non-zero number in every group. Exclude the "
+                        "group that removes whole conv groups (prune_hidden=False, the default) or its kind's ratio.")
+        return super().keep_error(module, tensor, keep)
+
     def resize_error(self, module: nn.Module, tensor: str, kept: Mapping[int, int]) -> str | None:
         w = _weight(module)
-        depthwise = w is not None and w.shape[1] == 1 and not module.transposed
+        depthwise = _depthwise(module, w)
         # prune keeps `groups` and checks the per-group counts from its masks; a count alone can only be uneven
         if tensor == "weight" and module.groups > 1 and not depthwise and kept.get(0, 0) % module.groups:
             return (f"{type(module).__name__} with groups={module.groups} cannot keep {kept[0]} channels (not the "
@@ -299,6 +324,11 @@ class GroupNormType(_ElementwiseType):
             return (f"GroupNorm with {module.num_groups} groups cannot keep {n} channels; choose a ratio that leaves "
                     f"a multiple of {module.num_groups}.")
         return None
+
+
+def _depthwise(module: nn.Module, w: Tensor | None) -> bool:
+    """A conv whose every channel is its own group (``groups`` follows the channels when they are resized)."""
+    return w is not None and w.shape[1] == 1 and not module.transposed
 
 
 def _has_normalized_shape(module: nn.Module) -> bool:

@@ -879,7 +879,6 @@ def _apply(model: nn.Module, example_inputs: Any, active: list[_GroupPlan], repo
             mk = masks[id(t)].setdefault(m.dim, torch.ones(t.shape[m.dim], dtype=torch.bool))
             mk[p.idx[(m.fqn, m.dim)][rem].reshape(-1)] = False
     _check_expert_widths(masks, tensors)
-    _check_conv_groups(masks, aliases)
     _check_structure(model, masks, aliases)
 
     # ---- bias compensation: mean contribution of removed inputs, per consumer
@@ -971,21 +970,6 @@ def _apply(model: nn.Module, example_inputs: Any, active: list[_GroupPlan], repo
         model.train(was_training)
 
 
-def _kept_per_conv_group(mod: nn.Module, keep: torch.Tensor) -> list[int]:
-    """Channels each group of a grouped conv keeps along its weight's dim 0 (``[groups, per group]``: output
-    channels, or input channels when transposed).
-
-    Args:
-        mod: a ``ConvNd`` / ``ConvTransposeNd`` with ``groups > 1``.
-        keep: the keep mask along the weight's dim 0.
-
-    Example:
-        >>> _kept_per_conv_group(nn.Conv2d(4, 4, 1, groups=2), torch.tensor([True, False, True, False]))
-        [1, 1]
-    """
-    return keep.view(mod.groups, -1).sum(1).tolist()
-
-
 def _keep(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:
     """``t`` with only the kept positions along ``dim``: ``mask`` is ``[size]``, or ``[E, size]`` for a stacked expert
     weight, where each expert keeps its own positions (as many in every expert: :func:`_check_expert_widths`).
@@ -1020,47 +1004,12 @@ def _check_expert_widths(masks: dict[int, dict[int, torch.Tensor]], tensors: dic
                 )
 
 
-def _check_conv_groups(masks: dict[int, dict[int, torch.Tensor]],
-                       aliases: dict[int, list[tuple[nn.Module, str]]]) -> None:
-    """A grouped conv may shrink only by the same number of channels in every group (its ``groups`` stays).
-
-    The analysis couples a grouped conv's channels as ``groups x per-group`` digits, so a conv-channel group's unit
-    is a position inside every conv group and the ratio rounds per conv group; this checks the masks agree before
-    anything is written, naming the conv when they do not (a group of whole conv groups, e.g. with
-    ``prune_hidden``, would change ``groups``, which prune does not do).
-    """
-    for tid, dims in masks.items():
-        keep = dims.get(0)
-        if keep is None:
-            continue
-        for mod, name in aliases[tid]:
-            if name != "weight" or not isinstance(mod, nn.modules.conv._ConvNd) or mod.groups == 1:
-                continue
-            w = mod.weight
-            if not mod.transposed and w.shape[1] == 1 and mod.groups == w.shape[0]:
-                continue  # depthwise: every channel is its own group, and groups follows the channels
-            per = _kept_per_conv_group(mod, keep)
-            inner = dims.get(1)
-            if inner is not None and int(inner.sum()) == 1 < inner.numel():
-                # one input channel per group would read as a depthwise conv when the sizes are rewritten
-                raise ConfigError(
-                    f"{type(mod).__name__} with groups={mod.groups} would keep 1 of {inner.numel()} channels per "
-                    "group; use a smaller ratio for conv_channels."
-                )
-            if len(set(per)) != 1 or per[0] == 0:
-                raise ConfigError(
-                    f"{type(mod).__name__} with groups={mod.groups} would keep {per} channels per group; a grouped "
-                    "convolution must keep the same non-zero number in every group. Exclude the group that removes "
-                    "whole conv groups (prune_hidden=False, the default) or its kind's ratio."
-                )
-
-
 def _check_structure(model: nn.Module, masks: dict[int, dict[int, torch.Tensor]],
                      aliases: dict[int, list[tuple[nn.Module, str]]]) -> None:
     for tid, dims in masks.items():
         for mod, name in aliases[tid]:
             lt = layer_type(mod)
-            why = lt.resize_error(mod, name, {d: int(mk.sum()) for d, mk in dims.items()}) if lt else None
+            why = lt.keep_error(mod, name, dims) if lt else None
             if why is not None:
                 raise ConfigError(why)
 

@@ -247,3 +247,19 @@ def test_registered_layer_type_size_fields_follow_prune() -> None:
     stale = _MLP(_UnknownProj).eval()
     sparsify_fx.prune(stale, (X,), PruneConfig(ratio=0.25, score="magnitude", progress=False))
     assert stale.up.weight.shape == (24, 16) and stale.up.width_out == 32
+
+
+def test_grouped_conv_keep_error_checks_each_group_of_the_masks():
+    conv = nn.Conv2d(8, 8, 3, groups=4)  # weight [8, 2, 3, 3]: 2 output channels per group
+    lt = layer_type(conv)
+    even = torch.tensor([True, False] * 4)
+    assert lt.keep_error(conv, "weight", {0: even}) is None
+    uneven = torch.tensor([True, True, False, False, True, False, True, False])
+    assert "would keep [2, 0, 1, 1] channels per group" in lt.keep_error(conv, "weight", {0: uneven})
+    one_in = {0: torch.ones(8, dtype=torch.bool), 1: torch.tensor([True, False])}
+    assert "would keep 1 of 2 channels per group" in lt.keep_error(conv, "weight", one_in)
+    depthwise = nn.Conv2d(4, 4, 3, groups=4)  # every channel its own group: any subset keeps `groups` = channels
+    assert lt.keep_error(depthwise, "weight", {0: torch.tensor([True, False, False, True])}) is None
+    # the counts-only check still applies through the default
+    assert "GroupNorm" in layer_type(nn.GroupNorm(2, 4)).keep_error(nn.GroupNorm(2, 4), "weight",
+                                                                    {0: torch.tensor([True, True, True, False])})
